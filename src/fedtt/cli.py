@@ -1,0 +1,146 @@
+"""The `fedtt` command line: plan, run, report, config, data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set federation.rounds=5 (repeatable)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedtt.config import load_config
+    from fedtt.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = plan(args.model or cfg.model.name, methods, cfg.adapter, cfg.method,
+                  num_labels=args.num_labels)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtt.config import load_config
+    from fedtt.data import format_label_table
+    from fedtt.federated.inprocess import run_inprocess
+    from fedtt.results import read_run
+
+    overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
+    cfg = load_config(args.config, overrides)
+    summary = run_inprocess(cfg, quiet=args.quiet, verbose=args.verbose)
+    out = Path(cfg.output.dir)
+    labels = json.loads((out / "label_counts.json").read_text())
+    if not args.quiet:
+        print("clients' training labels:")
+        print(format_label_table(labels["counts"], labels["label_names"]))
+        print()
+    run = read_run(out)
+    print(f"{summary['method']} on {summary['model']} / {summary['task']}, "
+          f"{summary['num_clients']} clients, {summary['rounds']} rounds: final accuracy "
+          f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), "
+          f"{summary['total_bytes'] / 1e6:.2f} MB sent "
+          f"({summary['total_upload_bytes'] / 1e6:.2f} up, "
+          f"{summary['total_download_bytes'] / 1e6:.2f} down), "
+          f"{summary['wall_seconds']:.0f} s. Results in {run['dir']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtt.results import format_table, plot_runs, read_run
+
+    runs = [read_run(d) for d in args.dirs]
+    print(format_table(runs))
+    if args.plots:
+        for path in plot_runs(args.dirs, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedtt.config import describe, load_config, to_toml
+
+    if args.config or args.overrides:
+        print(to_toml(load_config(args.config, args.overrides)))
+    else:
+        print(describe())
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from fedtt import data
+
+    if args.action == "list":
+        for t in data.list_tasks():
+            print(f"{t['name']:<16} {t['description']}")
+        return 0
+    names = args.names or [t["name"] for t in data.list_tasks()]
+    for name in names:
+        task = data.load_task(name)
+        print(f"{name}: {len(task.train)} train / {len(task.test)} test, "
+              f"labels {task.label_names}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtt", description="Federated fine-tuning with tensor-train adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="trainable parameters and bytes per round, per method")
+    p.add_argument("--model", help="model spec (default: the config's model.name)")
+    p.add_argument("--methods", default="fedtt,fedtt+,lora,ffa-lora")
+    p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--config", help="TOML config (adapter/method settings)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a federation in this process")
+    p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--out", help="output directory (overrides output.dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show Flower's log")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="compare finished runs: table and plots")
+    p.add_argument("dirs", nargs="+", help="run directories")
+    p.add_argument("--plots", help="write comparison plots to this directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("config", help="print every config key with its default and help, "
+                                      "or the resolved config of --config/--set")
+    p.add_argument("--config")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("data", help="built-in tasks: list, or fetch and prepare")
+    p.add_argument("action", choices=["list", "prepare"])
+    p.add_argument("names", nargs="*")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from fedtt.config import ConfigError
+    from fedtt.fetch import FetchError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FetchError, FileNotFoundError, ValueError) as exc:
+        print(f"fedtt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

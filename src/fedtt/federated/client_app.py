@@ -1,0 +1,74 @@
+"""fedtt's Flower ClientApp: load the received tensors, train locally, reply with the update.
+
+A message carries the tensors this client lacks, and its config names the tensors to train
+and upload this round (for FedTT+ that is the server's core mask). A stateful client
+(cross-silo) keeps the global tensors it has received in `context.state`, so the server only
+sends what changed; a stateless one (cross-device) keeps nothing but local-only tensors.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtt.federated.runtime import Runtime, get_runtime
+
+STATE_GLOBAL = "fedtt.global"  # global tensors as last received (stateful clients)
+STATE_LOCAL = "fedtt.local"  # tensors that never leave the client (keep-local head)
+
+app = ClientApp()
+
+
+def _restore(rt: Runtime, message: Message, context: Context) -> dict[str, torch.Tensor]:
+    """Put this client's view of the model into the shared backbone; return what it received."""
+    received = message.content["arrays"].to_torch_state_dict()
+    config = message.content["config"]
+    state = dict(rt.initial)
+    if config["stateful"] and STATE_GLOBAL in context.state:
+        state.update(context.state[STATE_GLOBAL].to_torch_state_dict())
+    if STATE_LOCAL in context.state:
+        state.update(context.state[STATE_LOCAL].to_torch_state_dict())
+    state.update(received)
+    rt.load(state)
+    if config["stateful"]:
+        context.state[STATE_GLOBAL] = ArrayRecord(rt.snapshot(rt.sent))
+    return received
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    rt = get_runtime(context.run_config)
+    _restore(rt, message, context)
+    config = message.content["config"]
+    names = list(config["train"])
+    pid = _partition(context)
+    start = time.perf_counter()
+    loss, examples = rt.train_client(pid, int(config["server-round"]), names)
+    seconds = time.perf_counter() - start
+    if rt.local_only:
+        context.state[STATE_LOCAL] = ArrayRecord(rt.snapshot(rt.local_only))
+    reply = RecordDict({
+        "arrays": ArrayRecord(rt.snapshot(names)),
+        "metrics": MetricRecord({"num-examples": examples, "train_loss": loss,
+                                 "partition-id": pid, "train_seconds": seconds}),
+    })
+    return Message(reply, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    rt = get_runtime(context.run_config)
+    _restore(rt, message, context)
+    pid = _partition(context)
+    metrics, examples = rt.evaluate_client(pid)
+    reply = RecordDict({"metrics": MetricRecord({
+        "num-examples": examples, "partition-id": pid,
+        **{f"local_{k}": v for k, v in metrics.items()}})})
+    return Message(reply, reply_to=message)

@@ -1,0 +1,158 @@
+"""What both Flower apps need, built once per process from the run config and then reused.
+
+One frozen backbone with the method's adapters, the tokenised task, the client partitions
+and the initial trainable tensors. In-process runs share one `Runtime` between the ServerApp
+and every simulated client: a client costs its adapter tensors, never a model copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtt import data as fdata
+from fedtt.config import RunConfig, apply
+from fedtt.methods import make_method
+from fedtt.models import load_model, load_tokenizer
+from fedtt.train import Encoded, encode, evaluate, train_local
+
+CONFIG_KEY = "fedtt-config"  # run_config key holding the resolved config as TOML text
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """A RunConfig from Flower's run config: TOML text under CONFIG_KEY, then any flat
+    `section.key` entries as overrides (how `flwr run --run-config` passes values)."""
+    import tomllib
+
+    cfg = RunConfig()
+    text = run_config.get(CONFIG_KEY)
+    if text:
+        apply(cfg, tomllib.loads(str(text)))
+    for key, value in run_config.items():
+        if key != CONFIG_KEY and "." in key:
+            apply(cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: value}})
+    cfg.validate()
+    return cfg
+
+
+def load_task_data(cfg: RunConfig) -> fdata.TaskData:
+    d, seed = cfg.data, cfg.training.seed
+    if d.task == "synthetic":
+        return fdata.synthetic_task(n_train=max(d.max_train_examples, 64),
+                                    n_test=max(d.max_test_examples, 32), seed=seed)
+    if any(t["name"] == d.task for t in fdata.list_tasks()):
+        return fdata.load_task(d.task, test_fraction=d.test_fraction, seed=seed)
+    if not Path(d.task).exists():
+        names = ", ".join(t["name"] for t in fdata.list_tasks())
+        raise FileNotFoundError(f"data.task {d.task!r} is neither a built-in task ({names}, "
+                                "synthetic) nor an existing file or directory")
+    return fdata.load_user_data(d.task, text_column=d.text_column, label_column=d.label_column,
+                                test_path=d.test_path or None, test_fraction=d.test_fraction,
+                                seed=seed)
+
+
+def _sample(ds, limit: int, seed: int):
+    if limit and len(ds) > limit:
+        return ds.shuffle(seed=seed).select(range(limit))
+    return ds
+
+
+class Runtime:
+    """Model, data and method for one run configuration, in this process."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        seed = cfg.training.seed
+        if cfg.training.threads:
+            torch.set_num_threads(cfg.training.threads)
+        task = load_task_data(cfg)
+        self.label_names = task.label_names
+        self.num_labels = task.num_labels
+        train = _sample(task.train, cfg.data.max_train_examples, seed)
+        test = _sample(task.test, cfg.data.max_test_examples, seed)
+        parts = fdata.partition(train.add_column("row", list(range(len(train)))),
+                                cfg.federation.num_clients, scheme=cfg.data.partition,
+                                alpha=cfg.data.alpha,
+                                classes_per_partition=cfg.data.classes_per_client, seed=seed)
+        self.partitions: list[list[int]] = [list(p["row"]) for p in parts]
+        self.label_counts = fdata.label_counts(parts, self.num_labels)
+        self.test_partitions: list[list[int]] = []
+        if cfg.federation.client_eval:
+            tparts = fdata.partition(test.add_column("row", list(range(len(test)))),
+                                     cfg.federation.num_clients, scheme="iid", seed=seed)
+            self.test_partitions = [list(p["row"]) for p in tparts]
+
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.train_data: Encoded = encode(self.tokenizer, train["text"], train["label"],
+                                          cfg.model.max_length)
+        self.test_data: Encoded = encode(self.tokenizer, test["text"], test["label"],
+                                         cfg.model.max_length)
+
+        self.method = make_method(cfg.method, cfg.adapter)
+        base = load_model(cfg.model.name, self.num_labels, seed=seed)
+        self.model = self.method.build(base, seed=seed)
+        self.model.eval()
+        self.params = dict(self.model.named_parameters())
+        self.trainable = [n for n, p in self.params.items() if p.requires_grad]
+        self.sent = self.method.sent_names(self.model)
+        self.local_only = [n for n in self.trainable if n not in set(self.sent)]
+        self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+
+    # --- state swapping -------------------------------------------------------------------
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors into the shared model (unknown names are an error)."""
+        with torch.no_grad():
+            for name, value in state.items():
+                self.params[name].copy_(value)
+
+    def snapshot(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {n: self.params[n].detach().clone() for n in names}
+
+    def set_trainable(self, names: Sequence[str]) -> None:
+        wanted = set(names)
+        for n in self.trainable:
+            self.params[n].requires_grad_(n in wanted)
+
+    # --- work -------------------------------------------------------------------------------
+    def train_client(self, partition_id: int, server_round: int,
+                     names: Sequence[str]) -> tuple[float, int]:
+        """Train `names` (plus local-only tensors) on a partition; (mean loss, examples)."""
+        t = self.cfg.training
+        rows = self.partitions[partition_id]
+        self.set_trainable(list(names) + self.local_only)
+        gen = torch.Generator().manual_seed(
+            int(hashlib.sha256(f"{t.seed}/{server_round}/{partition_id}".encode())
+                .hexdigest()[:8], 16))
+        params = [self.params[n] for n in list(names) + self.local_only]
+        loss = train_local(self.model, self.train_data, rows, params, steps=t.local_steps,
+                           batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                           generator=gen)
+        self.set_trainable(self.trainable)
+        return loss, len(rows)
+
+    def evaluate_global(self) -> dict[str, float]:
+        return evaluate(self.model, self.test_data, batch_size=self.cfg.training.eval_batch_size,
+                        num_labels=self.num_labels)
+
+    def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
+        rows = self.test_partitions[partition_id]
+        return (evaluate(self.model, self.test_data, rows,
+                         batch_size=self.cfg.training.eval_batch_size,
+                         num_labels=self.num_labels), len(rows))
+
+
+_CACHE: dict[str, Runtime] = {}
+
+
+def get_runtime(run_config: Mapping[str, Any]) -> Runtime:
+    """The process-wide Runtime for this run config (built on first use)."""
+    key = hashlib.sha256(repr(sorted(run_config.items())).encode()).hexdigest()
+    if key not in _CACHE:
+        _CACHE.clear()  # one run at a time per process: free the previous model
+        _CACHE[key] = Runtime(config_from_run_config(run_config))
+    return _CACHE[key]
+

@@ -1,0 +1,86 @@
+"""fedtt's Flower ServerApp: build the strategy, run the rounds, evaluate and record each one.
+
+The same app runs in-process (`fedtt run`, through `InProcessGrid`) and on Flower's
+Deployment Engine; everything it needs comes from the run config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from flwr.app import Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from fedtt import config as fconfig
+from fedtt.federated.runtime import get_runtime
+from fedtt.federated.strategy import FedTTStrategy
+from fedtt.results import Recorder, write_json
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run(grid, context)
+
+
+def run(grid: Grid, context: Context) -> dict:
+    """Run every round; write the run directory; return the summary."""
+    rt = get_runtime(context.run_config)
+    cfg = rt.cfg
+    progress = tqdm(total=cfg.federation.rounds, desc=f"{rt.method.name} rounds",
+                    disable=not context.run_config.get("fedtt-progress", False), file=sys.stderr)
+    recorder = Recorder(cfg.output.dir, fconfig.to_toml(cfg))
+    write_json(recorder.dir / "label_counts.json",
+               {"label_names": rt.label_names, "counts": rt.label_counts})
+    initial = {n: rt.initial[n] for n in rt.sent}
+    strategy = FedTTStrategy(
+        rt.method, initial, stateful=cfg.federation.mode == "cross-silo",
+        num_clients=cfg.federation.num_clients, clients_per_round=cfg.clients_per_round(),
+        seed=cfg.training.seed, client_eval=cfg.federation.client_eval,
+        ledger=recorder.ledger)
+    state = {"cumulative": 0, "last": time.perf_counter()}
+
+    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+        rt.load(arrays.to_torch_state_dict())
+        metrics = rt.evaluate_global()
+        stats = strategy.stats.get(server_round, {})
+        up, down = stats.get("upload_bytes", 0), stats.get("download_bytes", 0)
+        state["cumulative"] += up + down
+        now = time.perf_counter()
+        row = {"round": server_round, "method": rt.method.name, **metrics,
+               "upload_bytes": up, "download_bytes": down,
+               "cumulative_bytes": state["cumulative"], "clients": stats.get("clients", []),
+               "seconds": now - state["last"], "epsilon": None,
+               "train_loss": stats.get("train_loss"),
+               "upload_wire_bytes": stats.get("upload_wire_bytes", 0),
+               "client_train_seconds": stats.get("client_train_seconds", 0.0),
+               "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
+               "failed": stats.get("failed", [])}
+        for key in ("aggregation_gap", "local_accuracy", "local_loss", "local_macro_f1"):
+            if key in stats:
+                row[key] = stats[key]
+        recorder.round(json.loads(json.dumps(row)))
+        state["last"] = now
+        if server_round > 0:
+            progress.update(1)
+            progress.set_postfix(acc=f"{metrics['accuracy']:.3f}",
+                                 MB=f"{state['cumulative'] / 1e6:.2f}")
+        return MetricRecord({k: v for k, v in metrics.items()})
+
+    try:
+        strategy.start(grid=grid, initial_arrays=strategy.global_record(),
+                       num_rounds=cfg.federation.rounds, evaluate_fn=evaluate_fn)
+    finally:
+        recorder.close()
+        progress.close()
+    trainable = sum(rt.params[n].numel() for n in rt.trainable)
+    return recorder.finish({
+        "method": rt.method.name, "model": cfg.model.name, "task": cfg.data.task,
+        "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
+        "trainable_params": trainable, "seed": cfg.training.seed,
+        "travelling_params": sum(rt.params[n].numel() for n in rt.sent),
+    }, plots=cfg.output.plots)

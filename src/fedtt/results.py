@@ -1,0 +1,150 @@
+"""One results schema for every run, and the tables and plots drawn from it.
+
+A run directory holds `config.toml` (resolved), `rounds.jsonl` (one object per round, round 0
+being the untrained start), `ledger.jsonl` (one row per tensor per client per round per
+direction), `label_counts.json`, `summary.json` and `plots/`. `fedtt report` reads only these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROUND_KEYS = ("round", "method", "accuracy", "loss", "macro_f1", "upload_bytes",
+              "download_bytes", "cumulative_bytes", "clients", "seconds", "epsilon")
+
+
+class Recorder:
+    """Writes a run's files as the run goes (rows are flushed, so a crash loses nothing)."""
+
+    def __init__(self, out_dir: str | Path, config_toml: str) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.toml").write_text(config_toml)
+        self._rounds = open(self.dir / "rounds.jsonl", "w")
+        self._ledger = open(self.dir / "ledger.jsonl", "w")
+        self.rows: list[dict] = []
+        self.started = time.perf_counter()
+
+    def ledger(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._ledger.write(json.dumps(row) + "\n")
+        self._ledger.flush()
+
+    def round(self, row: dict) -> None:
+        missing = [k for k in ROUND_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"round row lacks {missing}")
+        self.rows.append(row)
+        self._rounds.write(json.dumps(row) + "\n")
+        self._rounds.flush()
+
+    def close(self) -> None:
+        self._rounds.close()
+        self._ledger.close()
+
+    def finish(self, summary: dict, plots: bool = True) -> dict:
+        self.close()
+        best = max(self.rows, key=lambda r: r["accuracy"])
+        final = self.rows[-1]
+        summary = {
+            "final_accuracy": final["accuracy"], "final_loss": final["loss"],
+            "final_macro_f1": final["macro_f1"], "best_accuracy": best["accuracy"],
+            "best_round": best["round"], "rounds": final["round"],
+            "total_bytes": final["cumulative_bytes"],
+            "total_upload_bytes": sum(r["upload_bytes"] for r in self.rows),
+            "total_download_bytes": sum(r["download_bytes"] for r in self.rows),
+            "wall_seconds": time.perf_counter() - self.started,
+            **summary, "versions": versions(),
+        }
+        write_json(self.dir / "summary.json", summary)
+        if plots:
+            plot_runs([self.dir], self.dir / "plots")
+        return summary
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fedtt", "torch", "transformers", "peft", "flwr", "flwr-datasets", "opacus"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """A run's summary, rounds and resolved config name fields."""
+    run_dir = Path(run_dir)
+    for needed in ("rounds.jsonl", "summary.json"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir} is not a finished fedtt run (no {needed})")
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()
+              if line.strip()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"dir": str(run_dir), "name": run_dir.name, "rounds": rounds, "summary": summary}
+
+
+def format_table(runs: Sequence[dict]) -> str:
+    """A comparison table of finished runs."""
+    header = (f"{'run':<24} {'method':<9} {'rounds':>6} {'final acc':>9} {'best acc':>8} "
+              f"{'up MB/rnd/cl':>12} {'total MB':>9} {'seconds':>8}")
+    lines = [header, "-" * len(header)]
+    for run in runs:
+        s = run["summary"]
+        rounds = [r for r in run["rounds"] if r["round"] > 0]
+        per_client = [r["upload_bytes"] / max(len(r["clients"]), 1) for r in rounds]
+        up = sum(per_client) / len(per_client) / 1e6 if per_client else 0.0
+        lines.append(f"{run['name'][:24]:<24} {s.get('method', '?'):<9} {s['rounds']:>6} "
+                     f"{s['final_accuracy']:>9.4f} {s['best_accuracy']:>8.4f} {up:>12.4f} "
+                     f"{s['total_bytes'] / 1e6:>9.3f} {s['wall_seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """Accuracy vs round and accuracy vs cumulative MB, every run on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [_load_rounds(Path(d)) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for xkey, xlabel, fname in (("round", "round", "accuracy_vs_round.png"),
+                                ("cumulative_bytes", "cumulative MB sent (up + down)",
+                                 "accuracy_vs_mb.png")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+        for label, rows in runs:
+            xs = [r[xkey] / (1e6 if xkey == "cumulative_bytes" else 1) for r in rows]
+            ax.plot(xs, [r["accuracy"] for r in rows], marker="o", markersize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def _load_rounds(run_dir: Path) -> tuple[str, list[dict]]:
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()
+            if line.strip()]
+    label = f"{run_dir.name} ({rows[0]['method']})" if rows else run_dir.name
+    return label, rows
