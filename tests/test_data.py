@@ -5,21 +5,21 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import csv  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import tarfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
+import csv
+import json
+import math
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
 
-import datasets  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
-from fedtt import data  # noqa: E402
-from fedtt.fetch import FetchError, cache_dir  # noqa: E402
+from fedtt import data
+from fedtt.fetch import FetchError, cache_dir
 
 BUILTIN = ["movie-reviews", "tweets", "amazon-reviews", "nyt-editorials", "bbc-news",
            "drug-reviews"]
@@ -474,3 +474,15 @@ def test_label_table_summarises_many_clients():
     assert any("1000" in ln and "more clients" in ln for ln in lines)
     total = next(ln.split() for ln in lines if ln.split()[0] == "all")
     assert int(total[-1]) == sum(map(sum, counts))
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
+def test_bad_test_fraction_is_rejected(tmp_path, fraction):
+    path = write_rows(tmp_path / "d.csv", toy_rows(5), "csv")
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.load_user_data(path, test_fraction=fraction)
+
+
+def test_synthetic_task_needs_two_labels():
+    with pytest.raises(ValueError, match="num_labels"):
+        data.synthetic_task(num_labels=1)

@@ -235,7 +235,7 @@ def _task_cache(name: str) -> Path:
     return cache_dir() / "tasks" / name
 
 
-def _read_cached(spec: TaskSpec) -> dict[str, datasets.Dataset] | None:
+def _read_cached(spec: TaskSpec) -> Parsed | None:
     folder = _task_cache(spec.name)
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -243,13 +243,13 @@ def _read_cached(spec: TaskSpec) -> dict[str, datasets.Dataset] | None:
         return None
     if meta.get("parse_version") != _PARSE_VERSION or meta.get("sha256") != spec.sha256:
         return None
-    out = {}
+    out: Parsed = {}
     for split in meta.get("splits", []):
         try:
             table = pq.read_table(folder / f"{split}.parquet")
         except (OSError, pa.ArrowException):
             return None
-        out[split] = _dataset(table.column("text").to_pylist(), table.column("label").to_pylist())
+        out[split] = (table.column("text").to_pylist(), table.column("label").to_pylist())
     return out or None
 
 
@@ -302,9 +302,9 @@ def load_task(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> TaskDa
             raise FetchError(f"could not read back the parsed cache {_task_cache(name)}")
     labels = list(spec.label_names)
     if "all" in splits:
-        train, test = _split(splits["all"], test_fraction, seed)
+        train, test = _split(*splits["all"], test_fraction, seed)
         return TaskData(name, train, test, labels)
-    return TaskData(name, splits["train"], splits["test"], labels)
+    return TaskData(name, _dataset(*splits["train"]), _dataset(*splits["test"]), labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,21 +321,21 @@ def _column(ds: datasets.Dataset, name: str) -> list[Any]:
     return ds.select_columns([name])[:][name]
 
 
-def _split(ds: datasets.Dataset, test_fraction: float,
+def _split(texts: Sequence[str], labels: Sequence[int], test_fraction: float,
            seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Seeded train/test split; stratified by label when every class has >= 2 rows."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    n = len(ds)
+    n = len(texts)
     if n < 2:
         raise ValueError(f"need at least 2 rows to split into train and test, got {n}")
     rng = np.random.default_rng(seed)
-    labels = np.asarray(_column(ds, "label"))
-    classes = np.unique(labels)
-    if all((labels == c).sum() >= 2 for c in classes):
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    if all((y == c).sum() >= 2 for c in classes):
         test_idx: list[int] = []
         for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
+            idx = rng.permutation(np.flatnonzero(y == c))
             k = min(max(round(test_fraction * len(idx)), 1), len(idx) - 1)
             test_idx.extend(idx[:k].tolist())
         chosen = np.zeros(n, dtype=bool)
@@ -346,13 +346,10 @@ def _split(ds: datasets.Dataset, test_fraction: float,
         order = rng.permutation(n)
         k = min(max(round(test_fraction * n), 1), n - 1)
         test, train = order[:k], order[k:]
-    return _take(ds, train), _take(ds, test)
+    def take(idx: np.ndarray) -> datasets.Dataset:
+        return _dataset([texts[i] for i in idx], [labels[i] for i in idx])
 
-
-def _take(ds: datasets.Dataset, idx: np.ndarray) -> datasets.Dataset:
-    # A fresh in-memory table (not an indices mapping) keeps later selects and shards cheap.
-    texts, labels = _column(ds, "text"), _column(ds, "label")
-    return _dataset([texts[i] for i in idx], [labels[i] for i in idx])
+    return take(train), take(test)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,11 +540,11 @@ def load_user_data(path: str | os.PathLike[str], *, text_column: str = "text",
         index = {v: i for i, v in enumerate(values)}
         as_str = not all(isinstance(v, int) for v in values)
         parsed = [(t, [str(v) if as_str else v for v in ls]) for t, ls in parsed]
-    sets = [_dataset(t, [index[v] for v in ls]) for t, ls in parsed]
-    if len(sets) == 2:
-        train, test = sets
+    encoded = [(t, [index[v] for v in ls]) for t, ls in parsed]
+    if len(encoded) == 2:
+        train, test = (_dataset(*pair) for pair in encoded)
     else:
-        train, test = _split(sets[0], test_fraction, seed)
+        train, test = _split(*encoded[0], test_fraction, seed)
     return TaskData(Path(path).stem or str(path), train, test, label_names)
 
 
@@ -556,8 +553,8 @@ def load_user_data(path: str | os.PathLike[str], *, text_column: str = "text",
 # --------------------------------------------------------------------------------------------
 
 _KEYWORDS = [
-    ["excellent", "wonderful", "delightful", "superb"],
     ["terrible", "awful", "dreadful", "horrible"],
+    ["excellent", "wonderful", "delightful", "superb"],
     ["quantum", "electron", "molecule", "photon"],
     ["football", "tennis", "goalkeeper", "stadium"],
     ["election", "senate", "minister", "ballot"],
@@ -590,7 +587,7 @@ def synthetic_task(n_train: int = 64, n_test: int = 32, num_labels: int = 2,
             texts.append(" ".join(words))
         return _dataset(texts, labels)
 
-    names = ["positive", "negative"] if num_labels == 2 else [f"class{j}" for j in
+    names = ["negative", "positive"] if num_labels == 2 else [f"class{j}" for j in
                                                              range(num_labels)]
     return TaskData("synthetic", make(n_train), make(n_test), names)
 
@@ -722,19 +719,21 @@ def format_label_table(counts: Sequence[Sequence[int]], label_names: Sequence[st
     totals = [sum(row) for row in counts]
     per_label = [sum(row[j] for row in counts) for j in range(len(names))]
     grand = sum(totals)
-    width = max([len(n) for n in names] + [len(str(grand)), 5])
-    first = max(len("client"), len(str(len(counts) - 1)), len("all"))
-    head = "client".ljust(first) + "".join(f" {n:>{width}}" for n in names) + f" {'total':>{width}}"
+    # Each column is as wide as its name or its largest number (the "all" row holds those).
+    widths = [max(len(n), len(str(v))) for n, v in zip(names + ["total"], per_label + [grand],
+                                                         strict=True)]
+    first = max(len("client"), len(str(len(counts) - 1)))
 
-    def line(label: str, values: Sequence[int], total: int) -> str:
-        return label.ljust(first) + "".join(f" {v:>{width}}" for v in values) + \
-            f" {total:>{width}}"
+    def line(label: str, values: Sequence[Any]) -> str:
+        return label.ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(values, widths,
+                                                                           strict=True))
 
+    head = line("client", names + ["total"])
     shown = len(counts) if len(counts) <= max_rows else max(max_rows // 2, 1)
     rows = [head, "-" * len(head)]
-    rows += [line(str(i), counts[i], totals[i]) for i in range(shown)]
+    rows += [line(str(i), [*counts[i], totals[i]]) for i in range(shown)]
     if shown < len(counts):
         rows.append(f"... {len(counts) - shown} more clients (of {len(counts)}); client sizes: "
                     f"min {min(totals)}, mean {grand / len(counts):.1f}, max {max(totals)}")
-    rows += ["-" * len(head), line("all", per_label, grand)]
+    rows += ["-" * len(head), line("all", [*per_label, grand])]
     return "\n".join(rows)
