@@ -49,7 +49,7 @@ class DataConfig:
     classes_per_client: int = field(default=2, metadata={"help": "Pathological: k."})
     max_train_examples: int = field(default=0, metadata={
         "help": "Use at most this many training rows (seeded sample); 0 = all."})
-    max_test_examples: int = field(default=0, metadata={
+    max_test_examples: int = field(default=500, metadata={
         "help": "Evaluate on at most this many test rows (seeded sample); 0 = all."})
 
 
@@ -74,7 +74,7 @@ class TrainingConfig:
 
     local_steps: int = field(default=10, metadata={"help": "Optimizer steps per round."})
     batch_size: int = field(default=32, metadata={"help": "Examples per step."})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     eval_batch_size: int = field(default=128, metadata={"help": "Examples per eval batch."})
     seed: int = field(default=0, metadata={"help": "Seed for init, partition and sampling."})

@@ -45,7 +45,7 @@ BUNDLED = {
 }
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            vocab_size=1000, max_position_embeddings=128)
+            vocab_size=1000, max_position_embeddings=128, initializer_range=0.2)
 
 ARCH_PRESETS: dict[str, tuple[str, dict]] = {
     "arch:bert-base": ("bert", {}),
@@ -157,10 +157,12 @@ def load_model(spec: str, num_labels: int, *, seed: int = 0,
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is new by design; no load report
+    hf_logging.disable_progress_bar()
     try:
         return AutoModelForSequenceClassification.from_pretrained(source, config=config)
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(spec: str):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from fedtt.adapters import AdapterConfig
-from fedtt.methods import MethodConfig, make_method
+from fedtt.methods import Method, MethodConfig, make_method
 from fedtt.models import load_model
 
 
@@ -25,20 +25,20 @@ def tensor_bytes(model: nn.Module, names: Sequence[str]) -> tuple[int, int]:
     return count, size
 
 
-def round_sets(method_name: str, model: nn.Module, method, server_round: int,
+def round_sets(model: nn.Module, method: Method, server_round: int,
                stateful: bool = True) -> tuple[list[str], list[str]]:
     """(upload names, download names) for one client in `server_round` of a cross-silo run.
 
     Upload: what the method trains this round. Download: everything the client lacks. A
-    stateful client (cross-silo) lacks only what the previous round changed; a stateless one
-    (cross-device), or any client in round 1, needs every travelling tensor.
+    stateful client (cross-silo) lacks only what the previous round's aggregation changed; a
+    stateless one (cross-device), or any client in round 1, needs every travelling tensor.
     """
     sent = method.sent_names(model)
     upload = method.round_names(server_round, sent)
     if server_round == 1 or not stateful:
         return upload, list(sent)
     changed = set(method.round_names(server_round - 1, sent))
-    return upload, [n for n in sent if n in changed or n in upload]
+    return upload, [n for n in sent if n in changed]
 
 
 def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None = None,
@@ -53,7 +53,7 @@ def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None 
         method = make_method(cfg, adapter)
         model = method.build(load_model(model_spec, num_labels), seed=0)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        up, down = round_sets(name, model, method, server_round)
+        up, down = round_sets(model, method, server_round)
         up_params, up_bytes = tensor_bytes(model, up)
         down_params, down_bytes = tensor_bytes(model, down)
         out["methods"][name] = {

@@ -2,7 +2,8 @@
 
 A run directory holds `config.toml` (resolved), `rounds.jsonl` (one object per round, round 0
 being the untrained start), `ledger.jsonl` (one row per tensor per client per round per
-direction), `label_counts.json`, `summary.json` and `plots/`. `fedtt report` reads only these.
+direction), `label_counts.json`, `summary.json`, `global.safetensors` (the final travelling
+tensors) and `plots/`. `fedtt report` reads only these.
 """
 
 from __future__ import annotations

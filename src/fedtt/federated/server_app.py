@@ -12,6 +12,7 @@ import time
 
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedtt import config as fconfig
@@ -77,6 +78,8 @@ def run(grid: Grid, context: Context) -> dict:
     finally:
         recorder.close()
         progress.close()
+    save_file({n: t.contiguous() for n, t in strategy.global_state.items()},
+              str(recorder.dir / "global.safetensors"))
     trainable = sum(rt.params[n].numel() for n in rt.trainable)
     return recorder.finish({
         "method": rt.method.name, "model": cfg.model.name, "task": cfg.data.task,

@@ -33,8 +33,8 @@ class FedTTStrategy(FedAvg):
     def __init__(self, method: Method, initial: dict[str, torch.Tensor], *, stateful: bool,
                  num_clients: int, clients_per_round: int, seed: int, client_eval: bool,
                  ledger: LedgerSink, wait_seconds: float = 600.0) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if client_eval else 0.0,
-                         min_available_nodes=num_clients)
+        super().__init__(min_available_nodes=num_clients)
+        self.client_eval = client_eval
         self.method = method
         self.sent = list(initial)
         self.global_state = {n: t.detach().clone() for n, t in initial.items()}
@@ -151,7 +151,7 @@ class FedTTStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0:
+        if not self.client_eval:
             return []
         messages = []
         for node in self.sampled:

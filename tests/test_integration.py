@@ -1,0 +1,58 @@
+"""Integration: the real bundled MiniLM and SmolLM2 weights and the real movie-review task.
+
+The weights come from registry packages (fetched once into the fedtt cache); nothing here
+needs a model or data hub.
+"""
+
+import json
+
+import pytest
+import torch
+
+from fedtt.adapters import AdapterConfig, TTAdapter
+from fedtt.config import load_config
+from fedtt.federated.inprocess import run_inprocess
+from fedtt.methods import MethodConfig, make_method
+from fedtt.models import load_model, load_tokenizer
+
+pytestmark = pytest.mark.integration
+TEXTS = ["a warm, funny and moving film", "tedious, overlong and badly acted"]
+
+
+@pytest.mark.parametrize("spec, adapters", [("minilm", 12), ("smollm2", 60)])
+def test_real_weights_identity_then_training_step(spec, adapters):
+    tok = load_tokenizer(spec)
+    batch = tok(TEXTS, max_length=16, truncation=True, padding=True, return_tensors="pt")
+    base = load_model(spec, 2, seed=0).eval()
+    with torch.no_grad():
+        expected = base(**batch).logits
+    del base
+    model = make_method(MethodConfig(name="fedtt"), AdapterConfig()).build(
+        load_model(spec, 2, seed=0), seed=0)
+    assert sum(isinstance(m, TTAdapter) for m in model.modules()) == adapters
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, expected)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits, torch.tensor([1, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert sum(not torch.equal(params[n], v) for n, v in trainable.items()) == len(trainable)
+
+
+def test_short_federated_run_on_minilm_and_movie_reviews(tmp_path):
+    sets = {"federation.rounds": 2, "training.local_steps": 2, "training.batch_size": 8,
+            "data.max_train_examples": 120, "data.max_test_examples": 64,
+            "output.dir": str(tmp_path / "run"), "output.plots": False}
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    assert cfg.model.name == "minilm" and cfg.data.task == "movie-reviews"
+    summary = run_inprocess(cfg, quiet=True)
+    assert summary["rounds"] == 2 and summary["total_upload_bytes"] > 0
+    rounds = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -1,0 +1,217 @@
+"""The federated runtime end to end on tiny models: every method, cross-silo and cross-device,
+the output schema, the byte ledger against `fedtt plan`, FedTT+'s frozen cores, determinism."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtt.adapters import AdapterConfig
+from fedtt.config import load_config
+from fedtt.federated import client_app as capp
+from fedtt.federated.inprocess import run_inprocess
+from fedtt.federated.runtime import get_runtime
+from fedtt.methods import MethodConfig, core_groups
+from fedtt.plan import plan
+
+METHODS = ["fedtt", "fedtt+", "lora", "ffa-lora"]
+ROUND_KEYS = {"round", "method", "accuracy", "loss", "upload_bytes", "download_bytes",
+              "cumulative_bytes", "clients", "seconds", "epsilon"}
+LEDGER_KEYS = {"round", "client", "direction", "name", "shape", "dtype", "bytes", "sent"}
+TIMING = {"seconds", "client_train_seconds", "aggregate_seconds"}
+
+
+def tiny(tmp_path, name="run", **sets):
+    base = {"model.name": "arch:tiny-llama", "model.max_length": 16, "data.task": "synthetic",
+            "data.partition": "iid", "data.max_train_examples": 96,
+            "data.max_test_examples": 64, "federation.num_clients": 3,
+            "federation.rounds": 3, "training.local_steps": 6, "training.batch_size": 8,
+            "training.lr": 0.01, "output.plots": False, "output.dir": str(tmp_path / name)}
+    base.update(sets)
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def read(run_dir):
+    run_dir = Path(run_dir)
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    ledger = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    return rounds, ledger, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["cross-silo", "cross-device"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_learns_and_writes_the_schema(tmp_path, method, mode):
+    sets = {"method.name": method, "federation.mode": mode, "federation.rounds": 4}
+    if mode == "cross-device":
+        sets.update({"federation.num_clients": 12, "federation.clients_per_round": 4,
+                     "data.max_train_examples": 240})
+    cfg = tiny(tmp_path, **sets)
+    summary = run_inprocess(cfg, quiet=True)
+    rounds, ledger, saved = read(cfg.output.dir)
+    assert [r["round"] for r in rounds] == list(range(5))
+    for r in rounds:
+        assert ROUND_KEYS <= set(r) and r["epsilon"] is None and r["method"] == method
+    assert rounds[-1]["loss"] < rounds[0]["loss"]  # the global model improved
+    assert saved["final_accuracy"] == summary["final_accuracy"] == rounds[-1]["accuracy"]
+    assert all(LEDGER_KEYS <= set(row) for row in ledger)
+    expected_clients = 3 if mode == "cross-silo" else 4
+    assert all(len(r["clients"]) == expected_clients for r in rounds[1:])
+    assert (Path(cfg.output.dir) / "config.toml").exists()
+    assert json.loads((Path(cfg.output.dir) / "label_counts.json").read_text())["counts"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ledger_matches_sent_tensors_and_plan(tmp_path, method):
+    cfg = tiny(tmp_path, **{"method.name": method})
+    run_inprocess(cfg, quiet=True)
+    rounds, ledger, _ = read(cfg.output.dir)
+    predicted = plan(cfg.model.name, [method], cfg.adapter, cfg.method, num_labels=2)
+    per_client = predicted["methods"][method]
+    for r in rounds[1:]:
+        up = [x for x in ledger if x["round"] == r["round"] and x["direction"] == "up"]
+        down = [x for x in ledger if x["round"] == r["round"] and x["direction"] == "down"]
+        assert sum(x["bytes"] for x in up) == r["upload_bytes"]
+        assert sum(x["bytes"] for x in down) == r["download_bytes"]
+        for x in up + down:
+            numel = int(torch.Size(x["shape"]).numel())
+            assert x["bytes"] == (numel * 4 if x["sent"] else 0)
+    round2 = rounds[2]
+    assert round2["upload_bytes"] == 3 * per_client["upload_bytes"]
+    assert round2["download_bytes"] == 3 * per_client["download_bytes"]
+
+
+def test_ffa_lora_sends_half_of_lora_adapter_bytes(tmp_path):
+    sizes = {}
+    for method in ("lora", "ffa-lora"):
+        cfg = tiny(tmp_path, method, **{"method.name": method, "federation.rounds": 1})
+        run_inprocess(cfg, quiet=True)
+        _, ledger, _ = read(cfg.output.dir)
+        sizes[method] = sum(x["bytes"] for x in ledger
+                            if x["direction"] == "up" and "lora_" in x["name"])
+    assert sizes["ffa-lora"] * 2 == sizes["lora"] > 0
+
+
+def test_fedtt_plus_frozen_cores_never_travel_and_stay_identical(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "federation.rounds": 4})
+    seen = []  # (round, trained names, client's full travelling state after training)
+    original = capp.Runtime.train_client
+
+    def spy(self, partition_id, server_round, names):
+        out = original(self, partition_id, server_round, names)
+        seen.append((server_round, set(names), self.snapshot(self.sent)))
+        return out
+
+    monkeypatch.setattr(capp.Runtime, "train_client", spy)
+    run_inprocess(cfg, quiet=True)
+    rounds, ledger, _ = read(cfg.output.dir)
+    rt = get_runtime({"fedtt-config": (Path(cfg.output.dir) / "config.toml").read_text(),
+                      "fedtt-progress": False})
+    groups = core_groups(rt.sent)
+    all_cores = {c for cores in groups.values() for c in cores}
+    assert any(len(cores) > 3 for cores in groups.values())
+    for server_round in range(1, 5):
+        states = [(names, s) for r, names, s in seen if r == server_round]
+        assert len(states) == 3
+        trained = states[0][0]
+        frozen = all_cores - trained
+        assert frozen, "FedTT+ froze nothing"
+        for name in frozen:  # identical on every client, bit for bit
+            assert all(torch.equal(states[0][1][name], s[name]) for _, s in states[1:])
+        sent_up = {x["name"] for x in ledger
+                   if x["round"] == server_round and x["direction"] == "up" and x["sent"]}
+        assert not (sent_up & frozen), "a frozen core was uploaded"
+    final = load_file(str(Path(cfg.output.dir) / "global.safetensors"))
+    last_trained, last_states = seen[-1][1], seen[-1][2]
+    for name in all_cores - last_trained:
+        assert torch.equal(last_states[name], final[name])
+
+
+def test_same_seed_same_metrics_different_seed_differs(tmp_path):
+    def metrics(name, seed):
+        cfg = tiny(tmp_path, name, **{"method.name": "fedtt", "training.seed": seed})
+        run_inprocess(cfg, quiet=True)
+        rounds, _, _ = read(cfg.output.dir)
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rounds]
+
+    a, b, c = metrics("a", 0), metrics("b", 0), metrics("c", 1)
+    assert a == b
+    assert a != c
+
+
+def test_exact_aggregation_logs_a_smaller_gap_than_factor(tmp_path):
+    gaps = {}
+    for agg in ("factor", "exact"):
+        cfg = tiny(tmp_path, agg, **{"method.name": "fedtt", "method.aggregation": agg,
+                                     "adapter.init": "gaussian", "training.lr": 0.05})
+        run_inprocess(cfg, quiet=True)
+        rounds, _, _ = read(cfg.output.dir)
+        gaps[agg] = [r["aggregation_gap"] for r in rounds[1:]]
+    assert all(g > 0 for g in gaps["factor"])  # averaging cores is not averaging matrices
+    assert all(g >= 0 for g in gaps["exact"])
+
+
+def test_exact_aggregation_is_closer_to_the_matrix_average():
+    from fedtt import tt
+    from fedtt.methods import make_method
+
+    g = torch.Generator().manual_seed(0)
+    modes = tt.matrix_modes(24, 8)
+    clients = [{f"l.core_{i}": c for i, c in enumerate(tt.init_cores(modes, 3, 1.0, generator=g))}
+               for _ in range(3)]
+    replies = [(c, w) for c, w in zip(clients, (10.0, 20.0, 30.0), strict=True)]
+    current = clients[0]
+    target = sum(tt.tt_to_full(list(c.values())).double() * w for c, w in replies) / 60.0
+    errors = {}
+    for agg in ("factor", "exact"):
+        m = make_method(MethodConfig(name="fedtt", aggregation=agg), AdapterConfig())
+        new, metrics = m.aggregate(1, current, replies)
+        rebuilt = tt.tt_to_full([new[f"l.core_{i}"] for i in range(len(modes))]).double()
+        errors[agg] = float((rebuilt - target).norm() / target.norm())
+        assert metrics["aggregation_gap"] > 0
+    assert errors["exact"] < errors["factor"]
+
+
+def test_cross_device_thousand_clients_runs(tmp_path):
+    cfg = tiny(tmp_path, **{"federation.mode": "cross-device", "federation.num_clients": 1000,
+                            "federation.clients_per_round": 10, "federation.rounds": 2,
+                            "data.max_train_examples": 2000, "training.local_steps": 2})
+    run_inprocess(cfg, quiet=True)
+    rounds, _, _ = read(cfg.output.dir)
+    assert [len(r["clients"]) for r in rounds[1:]] == [10, 10]
+    assert len({c for r in rounds for c in r["clients"]}) == 20 or rounds[1]["clients"] != \
+        rounds[2]["clients"]
+
+
+def test_cross_device_fedtt_plus_resyncs_stateless_clients(tmp_path):
+    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "federation.mode": "cross-device",
+                            "federation.num_clients": 12, "federation.clients_per_round": 4,
+                            "data.max_train_examples": 240})
+    run_inprocess(cfg, quiet=True)
+    rounds, ledger, _ = read(cfg.output.dir)
+    for r in rounds[1:]:
+        down = [x for x in ledger if x["round"] == r["round"] and x["direction"] == "down"]
+        assert all(x["sent"] for x in down)  # frozen cores included: the client kept nothing
+        assert r["download_bytes"] > r["upload_bytes"]
+
+
+def test_client_eval_reports_local_metrics(tmp_path):
+    cfg = tiny(tmp_path, **{"federation.client_eval": True, "federation.rounds": 2})
+    run_inprocess(cfg, quiet=True)
+    rounds, _, _ = read(cfg.output.dir)
+    assert all(0.0 <= r["local_accuracy"] <= 1.0 for r in rounds[1:])
+
+
+def test_report_table_and_shared_plots(tmp_path, capsys):
+    from fedtt.cli import main
+
+    dirs = []
+    for method in ("fedtt", "lora"):
+        cfg = tiny(tmp_path, method, **{"method.name": method, "federation.rounds": 2})
+        run_inprocess(cfg, quiet=True)
+        dirs.append(cfg.output.dir)
+    assert main(["report", *dirs, "--plots", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "fedtt" in out and "lora" in out
+    assert (tmp_path / "cmp" / "accuracy_vs_mb.png").stat().st_size > 1000
