@@ -20,7 +20,7 @@ METHODS = ["fedtt", "fedtt+", "lora", "ffa-lora"]
 ROUND_KEYS = {"round", "method", "accuracy", "loss", "upload_bytes", "download_bytes",
               "cumulative_bytes", "clients", "seconds", "epsilon"}
 LEDGER_KEYS = {"round", "client", "direction", "name", "shape", "dtype", "bytes", "sent"}
-TIMING = {"seconds", "client_train_seconds", "aggregate_seconds"}
+TIMING = {"seconds", "client_train_seconds", "aggregate_seconds", "eval_seconds"}
 
 
 def tiny(tmp_path, name="run", **sets):

@@ -22,20 +22,27 @@ STATE_LOCAL = "fedtt.local"  # tensors that never leave the client (keep-local h
 app = ClientApp()
 
 
-def _restore(rt: Runtime, message: Message, context: Context) -> dict[str, torch.Tensor]:
-    """Put this client's view of the model into the shared backbone; return what it received."""
-    received = message.content["arrays"].to_torch_state_dict()
-    config = message.content["config"]
+def _restore(rt: Runtime, message: Message, context: Context) -> None:
+    """Put this client's view of the model into the shared backbone.
+
+    Received arrays are kept as they came (no re-serialisation) in the stateful client's
+    store; only stored tensors that were not just received are decoded.
+    """
+    arrays: ArrayRecord = message.content["arrays"]
+    stateful = bool(message.content["config"]["stateful"])
     state = dict(rt.initial)
-    if config["stateful"] and STATE_GLOBAL in context.state:
-        state.update(context.state[STATE_GLOBAL].to_torch_state_dict())
-    if STATE_LOCAL in context.state:
-        state.update(context.state[STATE_LOCAL].to_torch_state_dict())
-    state.update(received)
+    for key in ((STATE_GLOBAL,) if stateful else ()) + (STATE_LOCAL,):
+        if key in context.state:
+            stored = context.state[key]
+            state.update({n: torch.tensor(a.numpy()) for n, a in stored.items()
+                          if n not in arrays})
+    state.update(arrays.to_torch_state_dict())
     rt.load(state)
-    if config["stateful"]:
-        context.state[STATE_GLOBAL] = ArrayRecord(rt.snapshot(rt.sent))
-    return received
+    if stateful:
+        store = context.state.get(STATE_GLOBAL) or ArrayRecord()
+        for name, array in arrays.items():
+            store[name] = array
+        context.state[STATE_GLOBAL] = store
 
 
 def _partition(context: Context) -> int:

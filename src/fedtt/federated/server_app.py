@@ -46,8 +46,10 @@ def run(grid: Grid, context: Context) -> dict:
     state = {"cumulative": 0, "last": time.perf_counter()}
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+        eval_start = time.perf_counter()
         rt.load(arrays.to_torch_state_dict())
         metrics = rt.evaluate_global()
+        eval_seconds = time.perf_counter() - eval_start
         stats = strategy.stats.get(server_round, {})
         up, down = stats.get("upload_bytes", 0), stats.get("download_bytes", 0)
         state["cumulative"] += up + down
@@ -60,6 +62,7 @@ def run(grid: Grid, context: Context) -> dict:
                "upload_wire_bytes": stats.get("upload_wire_bytes", 0),
                "client_train_seconds": stats.get("client_train_seconds", 0.0),
                "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
+               "eval_seconds": eval_seconds,
                "failed": stats.get("failed", [])}
         for key in ("aggregation_gap", "local_accuracy", "local_loss", "local_macro_f1"):
             if key in stats:

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -39,6 +47,7 @@ class FedTTStrategy(FedAvg):
         self.sent = list(initial)
         self.global_state = {n: t.detach().clone() for n, t in initial.items()}
         self.version = dict.fromkeys(self.sent, 0)
+        self._arrays: dict[str, Array] = {}  # serialised once per version, shared by messages
         self.held: dict[int, int] = {}  # node -> global version it holds (stateful clients)
         self.stateful, self.num_clients = stateful, num_clients
         self.clients_per_round = clients_per_round
@@ -51,8 +60,13 @@ class FedTTStrategy(FedAvg):
         self.stats: dict[int, dict] = {}
 
     # --- helpers ---------------------------------------------------------------------------
+    def _array(self, name: str) -> Array:
+        if name not in self._arrays:
+            self._arrays[name] = Array.from_torch_tensor(self.global_state[name])
+        return self._arrays[name]
+
     def global_record(self) -> ArrayRecord:
-        return ArrayRecord(self.global_state)
+        return ArrayRecord(array_dict={n: self._array(n) for n in self.sent})
 
     def _nodes(self, grid: Grid) -> list[int]:
         deadline = time.monotonic() + self.wait_seconds
@@ -74,7 +88,7 @@ class FedTTStrategy(FedAvg):
             self.held[node] = server_round - 1 if kind == "train" else server_round
         stats = self.stats.setdefault(server_round, _empty_stats())
         stats["download_bytes"] += sum(r["bytes"] for r in rows)
-        return ArrayRecord({n: self.global_state[n] for n in names})
+        return ArrayRecord(array_dict={n: self._array(n) for n in names})
 
     def _flush(self, node: int, client: int | None) -> None:
         rows = self.pending.pop(node, [])
@@ -142,6 +156,7 @@ class FedTTStrategy(FedAvg):
         for name, value in new.items():
             self.global_state[name] = value
             self.version[name] = server_round
+            self._arrays.pop(name, None)
         stats["aggregate_seconds"] = time.perf_counter() - agg_start
         total = sum(w for _, w in losses)
         stats["train_loss"] = sum(loss * w for loss, w in losses) / total
