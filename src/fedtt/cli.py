@@ -133,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from fedtt.config import ConfigError
+    from fedtt.federated.strategy import RoundFailed
     from fedtt.fetch import FetchError
 
     try:
         return args.func(args)
+    except RoundFailed as exc:
+        print(f"fedtt: stopped: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, FetchError, FileNotFoundError, ValueError) as exc:
         print(f"fedtt: error: {exc}", file=sys.stderr)
         return 2

@@ -66,6 +66,18 @@ class FederationConfig:
     rounds: int = field(default=10, metadata={"help": "Communication rounds."})
     client_eval: bool = field(default=False, metadata={
         "help": "Also evaluate the global model on each client's local test split."})
+    min_replies: int = field(default=1, metadata={
+        "help": "Fewest valid client updates a round needs; below it the round is retried, "
+                "then the run stops with the global model unchanged."})
+    round_retries: int = field(default=1, metadata={
+        "help": "How often a round short of min_replies asks the missing clients again."})
+    timeout: float = field(default=600.0, metadata={
+        "help": "Seconds to wait for a client's reply (in-process: for each client in turn)."})
+    max_update_norm: float = field(default=0.0, metadata={
+        "help": "Clip each client's update (all its tensors together) to this L2 norm; "
+                "0 = off."})
+    max_abs_value: float = field(default=1e4, metadata={
+        "help": "Reject a reply holding any value larger than this in magnitude."})
 
 
 @dataclass
@@ -109,6 +121,13 @@ class RunConfig:
              "must be >= 0"),
             ("federation.mode", self.federation.mode in ("cross-silo", "cross-device"),
              "must be cross-silo or cross-device"),
+            ("federation.min_replies", 1 <= self.federation.min_replies
+             <= self.clients_per_round(), "must be between 1 and the clients per round"),
+            ("federation.round_retries", self.federation.round_retries >= 0, "must be >= 0"),
+            ("federation.timeout", self.federation.timeout > 0, "must be > 0"),
+            ("federation.max_update_norm", self.federation.max_update_norm >= 0,
+             "must be >= 0"),
+            ("federation.max_abs_value", self.federation.max_abs_value > 0, "must be > 0"),
             ("data.alpha", self.data.alpha > 0, "must be > 0"),
             ("data.partition", self.data.partition in ("iid", "dirichlet", "pathological"),
              "must be iid, dirichlet or pathological"),

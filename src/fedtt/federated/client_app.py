@@ -52,17 +52,19 @@ def _partition(context: Context) -> int:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     rt = get_runtime(context.run_config)
-    _restore(rt, message, context)
     config = message.content["config"]
     names = list(config["train"])
     pid = _partition(context)
-    start = time.perf_counter()
-    loss, examples = rt.train_client(pid, int(config["server-round"]), names)
-    seconds = time.perf_counter() - start
-    if rt.local_only:
-        context.state[STATE_LOCAL] = ArrayRecord(rt.snapshot(rt.local_only))
+    with rt.lock:
+        _restore(rt, message, context)
+        start = time.perf_counter()
+        loss, examples = rt.train_client(pid, int(config["server-round"]), names)
+        seconds = time.perf_counter() - start
+        if rt.local_only:
+            context.state[STATE_LOCAL] = ArrayRecord(rt.snapshot(rt.local_only))
+        trained = ArrayRecord(rt.snapshot(names))
     reply = RecordDict({
-        "arrays": ArrayRecord(rt.snapshot(names)),
+        "arrays": trained,
         "metrics": MetricRecord({"num-examples": examples, "train_loss": loss,
                                  "partition-id": pid, "train_seconds": seconds}),
     })
@@ -72,9 +74,10 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     rt = get_runtime(context.run_config)
-    _restore(rt, message, context)
     pid = _partition(context)
-    metrics, examples = rt.evaluate_client(pid)
+    with rt.lock:
+        _restore(rt, message, context)
+        metrics, examples = rt.evaluate_client(pid)
     reply = RecordDict({"metrics": MetricRecord({
         "num-examples": examples, "partition-id": pid,
         **{f"local_{k}": v for k, v in metrics.items()}})})

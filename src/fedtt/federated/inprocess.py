@@ -4,7 +4,8 @@
 message, with one `Context` per simulated node (its partition id and its small state). The
 model lives once in the process (see `runtime.py`), so memory does not grow with clients.
 This touches one Flower internal, `TaskIdentity` (the pin on flwr keeps it stable; a test
-covers it).
+covers it). Each call runs in a worker thread so that a client that hangs past the timeout
+can be abandoned; the shared model is guarded by `Runtime.lock`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import threading
 import traceback
 from collections.abc import Iterable
 
@@ -73,35 +75,59 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        ids = list(message_ids)
+        return self._deliver(list(message_ids), timeout=None)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._deliver(list(self.push_messages(messages)), timeout)
+
+    def _deliver(self, ids: list[str], timeout: float | None) -> list[Message]:
+        """Call the ClientApp for each message in turn; each call gets `timeout` seconds.
+
+        A call that overruns is abandoned: its node sends no reply (as a hung or dropped
+        SuperNode would not), and whatever it returns later is discarded.
+        """
         replies = []
         kind = self._pending[ids[0]].metadata.message_type if ids else ""
         bar = tqdm(total=len(ids), desc=f"  {kind} clients", leave=False,
                    disable=not self.progress, file=sys.stderr)
         for mid in ids:
             msg = self._pending.pop(mid)
-            context = self.contexts[msg.metadata.dst_node_id]
-            try:
-                reply = self.client_app(msg, context)
-            except Exception as exc:  # a failing client must not end the run
-                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-                reply = Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
-            replies.append(reply)
+            reply = self._call(msg, timeout)
+            if reply is not None:
+                replies.append(reply)
             bar.update(1)
         bar.close()
         return replies
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+    def _call(self, msg: Message, timeout: float | None) -> Message | None:
+        context = self.contexts[msg.metadata.dst_node_id]
+        box: list[Message] = []
+
+        def work() -> None:
+            try:
+                box.append(self.client_app(msg, context))
+            except Exception as exc:  # a failing client must not end the run
+                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                box.append(Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg))
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        return box[0] if box else None
+
+
+def act_as_server() -> None:
+    """Give this process the identity Flower's `Message` reads when the server creates one."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = RUN_ID
+    TaskIdentity.node_id = SERVER_NODE_ID
 
 
 def run_inprocess(cfg: RunConfig, *, quiet: bool = False, verbose: bool = False,
                   client_app: ClientApp | None = None) -> dict:
     """Run a whole federation in this process; returns the run summary."""
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = RUN_ID
-    TaskIdentity.node_id = SERVER_NODE_ID
+    act_as_server()
     show = not quiet and sys.stderr.isatty()
     run_config = {CONFIG_KEY: to_toml(cfg), "fedtt-progress": show}
     grid = InProcessGrid(client_app or default_client_app, run_config,

@@ -8,6 +8,7 @@ and every simulated client: a client costs its adapter tensors, never a model co
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ class Runtime:
         self.sent = self.method.sent_names(self.model)
         self.local_only = [n for n in self.trainable if n not in set(self.sent)]
         self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+        # Whoever uses the shared model (a client's restore-train-snapshot, the server's
+        # evaluation) holds this lock and loads a complete state first, so a client abandoned
+        # after a timeout can never interleave with another.
+        self.lock = threading.RLock()
 
     # --- state swapping -------------------------------------------------------------------
     def load(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fedtt import config as fconfig
 from fedtt.federated.runtime import get_runtime
-from fedtt.federated.strategy import FedTTStrategy
+from fedtt.federated.strategy import FedTTStrategy, RoundFailed, Safeguards
 from fedtt.results import Recorder, write_json
 
 app = ServerApp()
@@ -42,13 +42,17 @@ def run(grid: Grid, context: Context) -> dict:
         rt.method, initial, stateful=cfg.federation.mode == "cross-silo",
         num_clients=cfg.federation.num_clients, clients_per_round=cfg.clients_per_round(),
         seed=cfg.training.seed, client_eval=cfg.federation.client_eval,
-        ledger=recorder.ledger)
+        ledger=recorder.ledger, guard=Safeguards(
+            min_replies=cfg.federation.min_replies, round_retries=cfg.federation.round_retries,
+            timeout=cfg.federation.timeout, max_update_norm=cfg.federation.max_update_norm,
+            max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data)))
     state = {"cumulative": 0, "last": time.perf_counter()}
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         eval_start = time.perf_counter()
-        rt.load(arrays.to_torch_state_dict())
-        metrics = rt.evaluate_global()
+        with rt.lock:
+            rt.load({**rt.initial, **arrays.to_torch_state_dict()})
+            metrics = rt.evaluate_global()
         eval_seconds = time.perf_counter() - eval_start
         stats = strategy.stats.get(server_round, {})
         up, down = stats.get("upload_bytes", 0), stats.get("download_bytes", 0)
@@ -63,8 +67,10 @@ def run(grid: Grid, context: Context) -> dict:
                "client_train_seconds": stats.get("client_train_seconds", 0.0),
                "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
                "eval_seconds": eval_seconds,
-               "failed": stats.get("failed", [])}
-        for key in ("aggregation_gap", "local_accuracy", "local_loss", "local_macro_f1"):
+               "failed": stats.get("failed", []), "rejected": stats.get("rejected", []),
+               "retries": stats.get("retries", 0)}
+        for key in ("aggregation_gap", "local_accuracy", "local_loss", "local_macro_f1",
+                    "update_norms"):
             if key in stats:
                 row[key] = stats[key]
         recorder.round(json.loads(json.dumps(row)))
@@ -75,18 +81,27 @@ def run(grid: Grid, context: Context) -> dict:
                                  MB=f"{state['cumulative'] / 1e6:.2f}")
         return MetricRecord({k: v for k, v in metrics.items()})
 
+    stopped = None
     try:
         strategy.start(grid=grid, initial_arrays=strategy.global_record(),
-                       num_rounds=cfg.federation.rounds, evaluate_fn=evaluate_fn)
+                       num_rounds=cfg.federation.rounds, timeout=cfg.federation.timeout,
+                       evaluate_fn=evaluate_fn)
+    except RoundFailed as exc:
+        stopped = exc
     finally:
         recorder.close()
         progress.close()
     save_file({n: t.contiguous() for n, t in strategy.global_state.items()},
               str(recorder.dir / "global.safetensors"))
     trainable = sum(rt.params[n].numel() for n in rt.trainable)
-    return recorder.finish({
+    summary = recorder.finish({
+        "status": "stopped" if stopped else "completed",
+        "stop_reason": str(stopped) if stopped else None,
         "method": rt.method.name, "model": cfg.model.name, "task": cfg.data.task,
         "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
         "trainable_params": trainable, "seed": cfg.training.seed,
         "travelling_params": sum(rt.params[n].numel() for n in rt.sent),
     }, plots=cfg.output.plots)
+    if stopped:
+        raise stopped
+    return summary

@@ -7,13 +7,18 @@
   clients as a list of names; replies must carry exactly those.
 - Aggregation: the method's own (`Method.aggregate`), merged into the full global record.
 - Ledger: one row per travelling tensor per client per round per direction, sent or not.
+- Untrusted replies: validated (`validate.py`) before aggregation; failures, rejections and
+  missing replies are recorded; below `min_replies` the round is retried, then the run stops
+  with the global model unchanged.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import WARNING
 
 import torch
@@ -30,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedtt.federated.validate import Rejected, ReplyRules, check_train_reply, clip_update
 from fedtt.methods import Method
 
 LedgerSink = Callable[[list[dict]], None]
@@ -40,9 +46,13 @@ class FedTTStrategy(FedAvg):
 
     def __init__(self, method: Method, initial: dict[str, torch.Tensor], *, stateful: bool,
                  num_clients: int, clients_per_round: int, seed: int, client_eval: bool,
-                 ledger: LedgerSink, wait_seconds: float = 600.0) -> None:
+                 ledger: LedgerSink, guard: Safeguards, wait_seconds: float = 600.0) -> None:
         super().__init__(min_available_nodes=num_clients)
         self.client_eval = client_eval
+        self.guard = guard
+        self.node_client: dict[int, int] = {}  # learnt from valid replies, for the ledger
+        self._grid: Grid | None = None
+        self._config = ConfigRecord()
         self.method = method
         self.sent = list(initial)
         self.global_state = {n: t.detach().clone() for n, t in initial.items()}
@@ -107,62 +117,108 @@ class FedTTStrategy(FedAvg):
         self.sampled = nodes if k == len(nodes) else sorted(self.rng.sample(nodes, k))
         self.round_train = self.method.round_names(server_round, self.sent)
         self.stats[server_round] = _empty_stats()
-        self.stats[server_round]["started"] = time.perf_counter()
-        messages = []
-        for node in self.sampled:
-            cfg = ConfigRecord({**dict(config), "server-round": server_round,
-                                "train": list(self.round_train), "stateful": self.stateful})
-            content = RecordDict({"arrays": self._payload(node, server_round, "train"),
-                                  "config": cfg})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN,
-                                    dst_node_id=node, group_id=str(server_round)))
-        return messages
+        self._grid, self._config = grid, config
+        return [self._train_message(node, server_round) for node in self.sampled]
+
+    def _train_message(self, node: int, server_round: int) -> Message:
+        cfg = ConfigRecord({**dict(self._config), "server-round": server_round,
+                            "train": list(self.round_train), "stateful": self.stateful})
+        content = RecordDict({"arrays": self._payload(node, server_round, "train"),
+                              "config": cfg})
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
+                       group_id=str(server_round))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats[server_round]
-        accepted: list[tuple[dict[str, torch.Tensor], float]] = []
-        losses, seconds = [], []
-        expected = list(self.round_train)
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                stats["failed"].append({"node": node, "reason": msg.error.reason})
-                self._flush(node, None)
-                continue
-            metrics = msg.content["metrics"]
-            client = int(metrics["partition-id"])
-            self._flush(node, client)
-            state = msg.content["arrays"].to_torch_state_dict()
-            if list(state) != expected:
-                stats["failed"].append({"node": node, "client": client,
-                                        "reason": "reply does not carry this round's tensors"})
-                continue
-            self.ledger([_row(server_round, "up", "train", n, self.global_state[n], n in state,
-                              client) for n in self.sent])
-            stats["upload_bytes"] += sum(t.numel() * t.element_size() for t in state.values())
-            stats["upload_wire_bytes"] += msg.content["arrays"].count_bytes()
-            stats["clients"].append(client)
-            accepted.append((state, float(metrics["num-examples"])))
-            losses.append((float(metrics["train_loss"]), float(metrics["num-examples"])))
-            seconds.append(float(metrics["train_seconds"]))
-        stats["client_train_seconds"] = sum(seconds)
-        if not accepted:
-            log(WARNING, "round %d: no client update accepted; global model unchanged",
-                server_round)
-            return self.global_record(), None
+        accepted = self._screen(server_round, list(replies), self.sampled)
+        retries = 0
+        while len(accepted) < self.guard.min_replies and retries < self.guard.round_retries:
+            retries += 1
+            answered = {a.node for a in accepted}
+            again = [n for n in self.sampled if n not in answered]
+            log(WARNING, "round %d: %d valid replies, %d needed; asking %d clients again",
+                server_round, len(accepted), self.guard.min_replies, len(again))
+            assert self._grid is not None
+            more = self._grid.send_and_receive(
+                [self._train_message(n, server_round) for n in again],
+                timeout=self.guard.timeout)
+            accepted += self._screen(server_round, list(more), again)
+        stats["retries"] = retries
+        stats["client_train_seconds"] = sum(a.metrics.get("train_seconds", 0.0)
+                                            for a in accepted)
+        if len(accepted) < self.guard.min_replies:
+            problems = "; ".join(f"client {f.get('client')}: {f['reason'].splitlines()[0]}"
+                                 for f in stats["failed"] + stats["rejected"])
+            raise RoundFailed(
+                f"round {server_round}: {len(accepted)} valid replies from "
+                f"{len(self.sampled)} clients, fewer than federation.min_replies = "
+                f"{self.guard.min_replies} after {retries} retries; the run stops and the "
+                f"global model stays that of round {server_round - 1}. {problems}")
         agg_start = time.perf_counter()
-        new, method_metrics = self.method.aggregate(server_round, self.global_state, accepted)
+        new, method_metrics = self.method.aggregate(
+            server_round, self.global_state, [(a.tensors, a.examples) for a in accepted])
         for name, value in new.items():
             self.global_state[name] = value
             self.version[name] = server_round
             self._arrays.pop(name, None)
         stats["aggregate_seconds"] = time.perf_counter() - agg_start
-        total = sum(w for _, w in losses)
-        stats["train_loss"] = sum(loss * w for loss, w in losses) / total
+        total = sum(a.examples for a in accepted)
+        stats["train_loss"] = sum(a.metrics.get("train_loss", 0.0) * a.examples
+                                  for a in accepted) / total
         stats.update(method_metrics)
         return self.global_record(), MetricRecord({"train_loss": stats["train_loss"],
                                                    **method_metrics})
+
+    def _screen(self, server_round: int, replies: list[Message],
+                asked: list[int]) -> list[Accepted]:
+        """Validate replies; record failures, rejections and the ledger; keep the good ones."""
+        stats = self.stats[server_round]
+        rules = ReplyRules(expected={n: self.global_state[n] for n in self.round_train},
+                           num_partitions=self.num_clients, max_examples=self.guard.max_examples,
+                           max_abs_value=self.guard.max_abs_value)
+        accepted, answered = [], set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self._fail(server_round, node, f"client error: {msg.error.reason}")
+                continue
+            try:
+                tensors, examples, client, metrics = check_train_reply(msg.content, rules)
+            except Rejected as exc:
+                client = self.node_client.get(node)
+                log(WARNING, "round %d: rejected reply from node %d (client %s): %s",
+                    server_round, node, client, exc)
+                stats["rejected"].append({"client": client, "node": node, "reason": str(exc)})
+                self._flush(node, client)
+                self.ledger([{"round": server_round, "client": client, "direction": "up",
+                              "kind": "train", "name": None, "shape": None, "dtype": None,
+                              "bytes": _wire_bytes(msg), "sent": True, "rejected": str(exc)}])
+                continue
+            self.node_client[node] = client
+            self._flush(node, client)
+            if self.guard.max_update_norm > 0:
+                tensors, norm = clip_update(tensors, rules.expected, self.guard.max_update_norm)
+                stats.setdefault("update_norms", {})[str(client)] = norm
+            self.ledger([_row(server_round, "up", "train", n, self.global_state[n],
+                              n in tensors, client) for n in self.sent])
+            stats["upload_bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
+            stats["upload_wire_bytes"] += msg.content["arrays"].count_bytes()
+            stats["clients"].append(client)
+            accepted.append(Accepted(node, client, tensors, examples, metrics))
+        for node in asked:
+            if node not in answered:
+                self._fail(server_round, node, "no reply before the timeout (dropped out or hung)")
+        return accepted
+
+    def _fail(self, server_round: int, node: int, reason: str) -> None:
+        client = self.node_client.get(node)
+        log(WARNING, "round %d: node %d (client %s) failed: %s", server_round, node, client,
+            reason.splitlines()[0])
+        self.stats[server_round]["failed"].append({"client": client, "node": node,
+                                                   "reason": reason})
+        self._flush(node, client)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -185,15 +241,20 @@ class FedTTStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._flush(node, None)
+                self._flush(node, self.node_client.get(node))
                 continue
-            metrics = msg.content["metrics"]
-            self._flush(node, int(metrics["partition-id"]))
-            w = float(metrics["num-examples"])
+            self._flush(node, self.node_client.get(node))
+            try:
+                metrics = msg.content["metrics"]
+                w = float(metrics["num-examples"])
+                local = {k: float(v) for k, v in metrics.items() if k.startswith("local_")}
+            except Exception:  # an untrusted reply: no usable metrics, skip it
+                continue
+            if not (w > 0 and all(map(math.isfinite, [w, *local.values()]))):
+                continue
             total += w
-            for key, value in metrics.items():
-                if key.startswith("local_"):
-                    sums[key] = sums.get(key, 0.0) + float(value) * w
+            for key, value in local.items():
+                sums[key] = sums.get(key, 0.0) + value * w
         if total == 0:
             return None
         result = {k: v / total for k, v in sums.items()}
@@ -201,9 +262,41 @@ class FedTTStrategy(FedAvg):
         return MetricRecord(result)
 
 
+@dataclass(frozen=True)
+class Safeguards:
+    """How the server treats untrusted and unreliable clients (see `validate.py`)."""
+
+    min_replies: int = 1
+    round_retries: int = 1
+    timeout: float = 600.0
+    max_update_norm: float = 0.0
+    max_abs_value: float = 1e4
+    max_examples: int = 10**9
+
+
+@dataclass
+class Accepted:
+    node: int
+    client: int
+    tensors: dict[str, torch.Tensor]
+    examples: float
+    metrics: dict[str, float]
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid replies in a round, even after retries; the run stops."""
+
+
+def _wire_bytes(msg: Message) -> int:
+    try:
+        return int(msg.content["arrays"].count_bytes())
+    except Exception:  # a reply malformed enough to have no countable arrays
+        return 0
+
+
 def _empty_stats() -> dict:
     return {"upload_bytes": 0, "download_bytes": 0, "upload_wire_bytes": 0, "clients": [],
-            "failed": []}
+            "failed": [], "rejected": [], "started": time.perf_counter()}
 
 
 def _row(server_round: int, direction: str, kind: str, name: str, tensor: torch.Tensor,

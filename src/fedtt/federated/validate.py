@@ -1,0 +1,127 @@
+"""Server-side validation of client replies: every reply is untrusted input.
+
+A train reply must carry exactly the tensors the server asked for this round, each with the
+shape and dtype it was sent with, finite and of bounded magnitude, in no more bytes than that
+plan allows, plus a positive, integral, plausible example count and the client's partition id.
+Arrays are decoded only by numpy with `allow_pickle=False` (Flower's `Array.numpy`), and only
+after their byte size has been checked, so a reply cannot make the server allocate more than
+the plan says. A failing reply raises `Rejected` with a reason for the log, ledger and rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+NPY_HEADER_ALLOWANCE = 256  # bytes of .npy header on top of the raw data
+
+
+class Rejected(ValueError):
+    """A client reply failed validation; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ReplyRules:
+    """What a valid train reply looks like in this round."""
+
+    expected: Mapping[str, torch.Tensor]  # name -> current global tensor (shape, dtype)
+    num_partitions: int
+    max_examples: int
+    max_abs_value: float
+
+
+def check_train_reply(content: RecordDict, rules: ReplyRules
+                      ) -> tuple[dict[str, torch.Tensor], float, int, dict[str, float]]:
+    """(tensors, example count, partition id, other metrics) of a valid reply, else Rejected."""
+    metrics = _record(content, "metrics", MetricRecord)
+    arrays = _record(content, "arrays", ArrayRecord)
+    client = _integer(metrics, "partition-id", 0, rules.num_partitions - 1)
+    examples = _integer(metrics, "num-examples", 1, rules.max_examples)
+    names = list(arrays.keys())
+    missing = [n for n in rules.expected if n not in arrays]
+    extra = [n for n in names if n not in rules.expected]
+    if missing or extra:
+        raise Rejected(f"wrong tensors: missing {_few(missing)}, unexpected {_few(extra)}")
+    tensors = {}
+    for name, ref in rules.expected.items():
+        tensors[name] = _tensor(name, arrays[name], ref, rules.max_abs_value)
+    others = {}
+    for key, value in metrics.items():
+        if key in ("partition-id", "num-examples"):
+            continue
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise Rejected(f"metric {key!r} is not a finite number")
+        others[key] = float(value)
+    return tensors, float(examples), client, others
+
+
+def _record(content: RecordDict, key: str, kind: type):
+    try:
+        record = content[key]
+    except (KeyError, TypeError):
+        raise Rejected(f"reply has no {key!r} record") from None
+    if not isinstance(record, kind):
+        raise Rejected(f"reply's {key!r} is a {type(record).__name__}, not a {kind.__name__}")
+    return record
+
+
+def _integer(metrics: MetricRecord, key: str, low: int, high: int) -> int:
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejected(f"{key} missing or not a number: {value!r}")
+    if not math.isfinite(value) or value != int(value) or not low <= value <= high:
+        raise Rejected(f"{key} = {value!r} is not an integer in [{low}, {high}]")
+    return int(value)
+
+
+def _tensor(name: str, array, ref: torch.Tensor, max_abs: float) -> torch.Tensor:
+    want_dtype = str(ref.dtype).removeprefix("torch.")
+    if array.dtype != want_dtype:
+        raise Rejected(f"{name}: dtype {array.dtype}, expected {want_dtype}")
+    if tuple(array.shape) != tuple(ref.shape):
+        raise Rejected(f"{name}: shape {tuple(array.shape)}, expected {tuple(ref.shape)}")
+    budget = ref.numel() * ref.element_size() + NPY_HEADER_ALLOWANCE
+    if len(array.data) > budget:
+        raise Rejected(f"{name}: {len(array.data)} bytes, more than the {budget} allowed")
+    try:
+        values = array.numpy()
+    except Exception as exc:  # truncated, corrupt, pickled: numpy refuses, we reject
+        raise Rejected(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
+    if values.dtype.str[1:] != _np_code(ref) or tuple(values.shape) != tuple(ref.shape):
+        raise Rejected(f"{name}: decoded as {values.dtype} {values.shape}, which is not what "
+                       "its header announced")
+    tensor = torch.tensor(values)
+    if not bool(torch.isfinite(tensor).all()):
+        raise Rejected(f"{name}: contains NaN or Inf")
+    if tensor.numel() and float(tensor.abs().max()) > max_abs:
+        raise Rejected(f"{name}: |value| up to {float(tensor.abs().max()):.3g} exceeds "
+                       f"{max_abs:g}")
+    return tensor
+
+
+def _np_code(ref: torch.Tensor) -> str:
+    return torch.empty(0, dtype=ref.dtype).numpy().dtype.str[1:]
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def clip_update(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor],
+                max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Scale a client's update (new - old, over all its tensors) to at most `max_norm`.
+
+    Returns the clipped tensors and the update's original norm.
+    """
+    norm = math.sqrt(sum(float((new[n] - old[n]).double().pow(2).sum()) for n in new))
+    if norm <= max_norm or norm == 0.0:
+        return dict(new), norm
+    scale = max_norm / norm
+    return {n: old[n] + (new[n] - old[n]) * scale for n in new}, norm
