@@ -95,9 +95,11 @@ def scenarios(tmp: str) -> list[dict]:
         summary = json.loads((Path(cfg.output.dir) / "summary.json").read_text())
         rounds = [json.loads(x) for x in
                   (Path(cfg.output.dir) / "rounds.jsonl").read_text().splitlines()]
+        stopped = summary["stopped_round"] or {"failed": []}
         out.append({"scenario": label, "expected": expected, "status": summary["status"],
                     "rounds_done": summary["rounds"],
-                    "failures_recorded": sum(len(r["failed"]) for r in rounds)})
+                    "failures_recorded": sum(len(r["failed"]) for r in rounds)
+                    + len(stopped["failed"])})
         print(f"{label}: {summary['status']}", flush=True)
     return out
 

@@ -150,6 +150,9 @@ def test_too_few_replies_retry_then_stop_with_global_unchanged(tmp_path):
     summary = json.loads((Path(cfg.output.dir) / "summary.json").read_text())
     assert summary["status"] == "stopped" and "round 2" in summary["stop_reason"]
     assert summary["rounds"] == 1
+    stopped = summary["stopped_round"]
+    assert stopped["round"] == 2 and stopped["retries"] == 2
+    assert len(stopped["failed"]) == 3  # client 1 failed, then twice more when asked again
     a = load_file(str(Path(reference.output.dir) / "global.safetensors"))
     b = load_file(str(Path(cfg.output.dir) / "global.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -213,17 +213,5 @@ def _tensorize(parent: nn.Module, name: str, cfg: AdapterConfig, gen: torch.Gene
         _tensorize(child, sub, cfg, gen)
 
 
-def head_param_names(model: nn.Module) -> list[str]:
-    head = find_head(model)
-    if head is None:
-        return []
-    return [f"{head[0]}.{n}" for n, _ in head[1].named_parameters()]
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires grad, by name (detached views)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def tt_layers(model: nn.Module) -> dict[str, TTLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TTLinear)}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtt.federated import wire
 from fedtt.federated.runtime import Runtime, get_runtime
 
 STATE_GLOBAL = "fedtt.global"  # global tensors as last received (stateful clients)
@@ -34,9 +34,9 @@ def _restore(rt: Runtime, message: Message, context: Context) -> None:
     for key in ((STATE_GLOBAL,) if stateful else ()) + (STATE_LOCAL,):
         if key in context.state:
             stored = context.state[key]
-            state.update({n: torch.tensor(a.numpy()) for n, a in stored.items()
+            state.update({n: wire.from_array(a) for n, a in stored.items()
                           if n not in arrays})
-    state.update(arrays.to_torch_state_dict())
+    state.update(wire.from_record(arrays))
     rt.load(state)
     if stateful:
         store = context.state.get(STATE_GLOBAL) or ArrayRecord()
@@ -61,8 +61,8 @@ def train(message: Message, context: Context) -> Message:
         loss, examples = rt.train_client(pid, int(config["server-round"]), names)
         seconds = time.perf_counter() - start
         if rt.local_only:
-            context.state[STATE_LOCAL] = ArrayRecord(rt.snapshot(rt.local_only))
-        trained = ArrayRecord(rt.snapshot(names))
+            context.state[STATE_LOCAL] = wire.to_record(rt.snapshot(rt.local_only))
+        trained = wire.to_record(rt.snapshot(names))
     reply = RecordDict({
         "arrays": trained,
         "metrics": MetricRecord({"num-examples": examples, "train_loss": loss,

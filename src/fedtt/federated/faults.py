@@ -95,44 +95,40 @@ def huge_values(content: RecordDict, rng: random.Random) -> RecordDict:
     return _with_array(content, rng, change)
 
 
-def truncated_bytes(content: RecordDict, rng: random.Random) -> RecordDict:
+def _with_data(content: RecordDict, rng: random.Random,
+               data: Callable[[Array, random.Random], bytes]) -> RecordDict:
+    """Keep an array's announced dtype, shape and type; replace its bytes."""
     arrays, metrics = _parts(content)
     name = _pick(arrays, rng)
     a = arrays[name]
-    cut = rng.randrange(0, max(len(a.data) - 1, 1))
-    arrays[name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[:cut])
+    arrays[name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=data(a, rng))
     return _pack(arrays, metrics)
+
+
+def _npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def truncated_bytes(content: RecordDict, rng: random.Random) -> RecordDict:
+    return _with_data(content, rng,
+                      lambda a, r: a.data[:r.randrange(0, max(len(a.data) - 1, 1))])
 
 
 def header_lies(content: RecordDict, rng: random.Random) -> RecordDict:
-    """The Array says float32 of the right shape; the bytes hold something else."""
-    arrays, metrics = _parts(content)
-    name = _pick(arrays, rng)
-    a = arrays[name]
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(a.shape, np.float64), allow_pickle=False)
-    arrays[name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=buf.getvalue())
-    return _pack(arrays, metrics)
+    """The Array says float32 of the right shape; the bytes hold float64."""
+    return _with_data(content, rng, lambda a, r: _npy(np.zeros(a.shape, np.float64)))
 
 
 def oversized_bytes(content: RecordDict, rng: random.Random) -> RecordDict:
-    arrays, metrics = _parts(content)
-    name = _pick(arrays, rng)
-    a = arrays[name]
-    arrays[name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype,
-                         data=a.data + b"\0" * rng.randint(1024, 1 << 20))
-    return _pack(arrays, metrics)
+    return _with_data(content, rng, lambda a, r: a.data + b"\0" * r.randint(1024, 1 << 20))
 
 
 def pickled_payload(content: RecordDict, rng: random.Random) -> RecordDict:
     """An object array: loading it would need pickle, which must never happen."""
-    arrays, metrics = _parts(content)
-    name = _pick(arrays, rng)
-    a = arrays[name]
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    arrays[name] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=buf.getvalue())
-    return _pack(arrays, metrics)
+    return _with_data(content, rng,
+                      lambda a, r: _npy(np.array([{"x": 1}], dtype=object), allow_pickle=True))
 
 
 def empty_reply(content: RecordDict, rng: random.Random) -> RecordDict:

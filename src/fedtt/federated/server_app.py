@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedtt import config as fconfig
+from fedtt.federated import wire
 from fedtt.federated.runtime import get_runtime
 from fedtt.federated.strategy import FedTTStrategy, RoundFailed, Safeguards
 from fedtt.results import Recorder, write_json
@@ -51,7 +52,7 @@ def run(grid: Grid, context: Context) -> dict:
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
         eval_start = time.perf_counter()
         with rt.lock:
-            rt.load({**rt.initial, **arrays.to_torch_state_dict()})
+            rt.load({**rt.initial, **wire.from_record(arrays)})
             metrics = rt.evaluate_global()
         eval_seconds = time.perf_counter() - eval_start
         stats = strategy.stats.get(server_round, {})
@@ -94,9 +95,14 @@ def run(grid: Grid, context: Context) -> dict:
     save_file({n: t.contiguous() for n, t in strategy.global_state.items()},
               str(recorder.dir / "global.safetensors"))
     trainable = sum(rt.params[n].numel() for n in rt.trainable)
+    failed_round = None
+    if stopped:
+        stats = strategy.stats[stopped.server_round]
+        failed_round = {"round": stopped.server_round, "failed": stats["failed"],
+                        "rejected": stats["rejected"], "retries": stats.get("retries", 0)}
     summary = recorder.finish({
         "status": "stopped" if stopped else "completed",
-        "stop_reason": str(stopped) if stopped else None,
+        "stop_reason": str(stopped) if stopped else None, "stopped_round": failed_round,
         "method": rt.method.name, "model": cfg.model.name, "task": cfg.data.task,
         "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
         "trainable_params": trainable, "seed": cfg.training.seed,

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedtt.federated import wire
 from fedtt.federated.validate import Rejected, ReplyRules, check_train_reply, clip_update
 from fedtt.methods import Method
 
@@ -72,7 +73,7 @@ class FedTTStrategy(FedAvg):
     # --- helpers ---------------------------------------------------------------------------
     def _array(self, name: str) -> Array:
         if name not in self._arrays:
-            self._arrays[name] = Array.from_torch_tensor(self.global_state[name])
+            self._arrays[name] = wire.to_array(self.global_state[name])
         return self._arrays[name]
 
     def global_record(self) -> ArrayRecord:
@@ -150,7 +151,7 @@ class FedTTStrategy(FedAvg):
         if len(accepted) < self.guard.min_replies:
             problems = "; ".join(f"client {f.get('client')}: {f['reason'].splitlines()[0]}"
                                  for f in stats["failed"] + stats["rejected"])
-            raise RoundFailed(
+            raise RoundFailed(server_round,
                 f"round {server_round}: {len(accepted)} valid replies from "
                 f"{len(self.sampled)} clients, fewer than federation.min_replies = "
                 f"{self.guard.min_replies} after {retries} retries; the run stops and the "
@@ -285,6 +286,10 @@ class Accepted:
 
 class RoundFailed(RuntimeError):
     """Too few valid replies in a round, even after retries; the run stops."""
+
+    def __init__(self, server_round: int, message: str) -> None:
+        super().__init__(message)
+        self.server_round = server_round
 
 
 def _wire_bytes(msg: Message) -> int:

@@ -3,9 +3,10 @@
 A train reply must carry exactly the tensors the server asked for this round, each with the
 shape and dtype it was sent with, finite and of bounded magnitude, in no more bytes than that
 plan allows, plus a positive, integral, plausible example count and the client's partition id.
-Arrays are decoded only by numpy with `allow_pickle=False` (Flower's `Array.numpy`), and only
-after their byte size has been checked, so a reply cannot make the server allocate more than
-the plan says. A failing reply raises `Rejected` with a reason for the log, ledger and rounds.
+Arrays are decoded only by `wire.from_array` (raw bytes behind an exact .npy header, else numpy
+with `allow_pickle=False`), and only after their byte size has been checked, so a reply cannot
+make the server allocate more than the plan says. A failing reply raises `Rejected` with a
+reason for the log, the ledger and the round record.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fedtt.federated import wire
 
 NPY_HEADER_ALLOWANCE = 256  # bytes of .npy header on top of the raw data
 
@@ -88,23 +91,15 @@ def _tensor(name: str, array, ref: torch.Tensor, max_abs: float) -> torch.Tensor
     if len(array.data) > budget:
         raise Rejected(f"{name}: {len(array.data)} bytes, more than the {budget} allowed")
     try:
-        values = array.numpy()
-    except Exception as exc:  # truncated, corrupt, pickled: numpy refuses, we reject
-        raise Rejected(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
-    if values.dtype.str[1:] != _np_code(ref) or tuple(values.shape) != tuple(ref.shape):
-        raise Rejected(f"{name}: decoded as {values.dtype} {values.shape}, which is not what "
-                       "its header announced")
-    tensor = torch.tensor(values)
+        tensor = wire.from_array(array)  # truncated, corrupt, pickled, lying: refused
+    except ValueError as exc:
+        raise Rejected(f"{name}: {exc}") from None
     if not bool(torch.isfinite(tensor).all()):
         raise Rejected(f"{name}: contains NaN or Inf")
     if tensor.numel() and float(tensor.abs().max()) > max_abs:
         raise Rejected(f"{name}: |value| up to {float(tensor.abs().max()):.3g} exceeds "
                        f"{max_abs:g}")
     return tensor
-
-
-def _np_code(ref: torch.Tensor) -> str:
-    return torch.empty(0, dtype=ref.dtype).numpy().dtype.str[1:]
 
 
 def _few(names: list[str], limit: int = 3) -> str:

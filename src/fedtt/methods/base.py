@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedtt.adapters import AdapterConfig
+from fedtt.adapters import HEAD_NAMES, AdapterConfig
 
-HEAD_PARAM = re.compile(r"(^|\.)(classifier|score)\.")
+HEAD_PARAM = re.compile(r"(^|\.)(" + "|".join(HEAD_NAMES) + r")\.")
 
 
 @dataclass
