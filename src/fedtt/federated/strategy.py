@@ -60,6 +60,7 @@ class FedTTStrategy(FedAvg):
         self.version = dict.fromkeys(self.sent, 0)
         self._arrays: dict[str, Array] = {}  # serialised once per version, shared by messages
         self.held: dict[int, int] = {}  # node -> global version it holds (stateful clients)
+        self._will_hold: dict[int, int] = {}  # ... once its reply proves it got the payload
         self.stateful, self.num_clients = stateful, num_clients
         self.clients_per_round = clients_per_round
         self.rng = random.Random(seed)
@@ -96,10 +97,15 @@ class FedTTStrategy(FedAvg):
                 for n in self.sent]
         self.pending.setdefault(node, []).extend(rows)
         if self.stateful:
-            self.held[node] = server_round - 1 if kind == "train" else server_round
+            self._will_hold[node] = server_round - 1 if kind == "train" else server_round
         stats = self.stats.setdefault(server_round, _empty_stats())
         stats["download_bytes"] += sum(r["bytes"] for r in rows)
         return ArrayRecord(array_dict={n: self._array(n) for n in names})
+
+    def _delivered(self, node: int) -> None:
+        """A valid reply proves the node got its payload: it now holds that version."""
+        if node in self._will_hold:
+            self.held[node] = self._will_hold.pop(node)
 
     def _flush(self, node: int, client: int | None) -> None:
         rows = self.pending.pop(node, [])
@@ -198,6 +204,7 @@ class FedTTStrategy(FedAvg):
                               "bytes": _wire_bytes(msg), "sent": True, "rejected": str(exc)}])
                 continue
             self.node_client[node] = client
+            self._delivered(node)
             self._flush(node, client)
             if self.guard.max_update_norm > 0:
                 tensors, norm = clip_update(tensors, rules.expected, self.guard.max_update_norm)
@@ -253,6 +260,7 @@ class FedTTStrategy(FedAvg):
                 continue
             if not (w > 0 and all(map(math.isfinite, [w, *local.values()]))):
                 continue
+            self._delivered(node)
             total += w
             for key, value in local.items():
                 sums[key] = sums.get(key, 0.0) + value * w
