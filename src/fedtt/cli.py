@@ -1,4 +1,4 @@
-"""The `fedtt` command line: plan, run, report, config, data."""
+"""The `fedtt` command line: plan, run, deploy, report, config, data."""
 
 from __future__ import annotations
 
@@ -50,6 +50,46 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{summary['total_download_bytes'] / 1e6:.2f} down), "
           f"{summary['wall_seconds']:.0f} s. Results in {run['dir']}")
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fedtt.config import load_config
+    from fedtt.federated.deploy import (
+        LocalDeployment,
+        fedtt_run_config,
+        traffic_report,
+        write_app_dir,
+    )
+    from fedtt.results import write_json
+
+    overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
+    cfg = load_config(args.config, overrides)
+    secure = not args.insecure
+    with tempfile.TemporaryDirectory(prefix="fedtt-deploy-") as work:
+        with LocalDeployment(work, num_nodes=cfg.federation.num_clients, tls=secure,
+                             node_auth=secure) as deployment:
+            print(f"SuperLink on {deployment.address} "
+                  f"({'TLS + SuperNode authentication' if secure else 'insecure'}), "
+                  f"{cfg.federation.num_clients} SuperNodes; running...", flush=True)
+            app = write_app_dir(Path(work) / "app", fedtt_run_config(cfg))
+            result = deployment.run(app, timeout=args.timeout)
+    out = Path(cfg.output.dir).absolute()
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        print(f"fedtt: error: run {result.run_id} ended {result.status} without a summary; "
+              f"its log:\n{result.log[-3000:]}", file=sys.stderr)
+        return 1
+    summary = json.loads(summary_path.read_text())
+    summary["flower_traffic"] = traffic_report(out, result)
+    write_json(summary_path, summary)
+    traffic = summary["flower_traffic"]
+    print(f"run {result.run_id} {result.status}: final accuracy {summary['final_accuracy']:.4f}; "
+          f"Flower moved {traffic['flower']['total_bytes'] / 1e6:.2f} MB for "
+          f"{traffic['ledger']['total_bytes'] / 1e6:.2f} MB of tensors "
+          f"({traffic['overhead_ratio']:.2f}x). Results in {out}")
+    return 0 if result.status == "finished:completed" else 3
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -109,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("deploy", help="run on Flower's Deployment Engine on this machine: a "
+                                      "SuperLink and one SuperNode per client, over TLS")
+    p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--out", help="output directory (overrides output.dir)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP without SuperNode authentication (local trials only)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("report", help="compare finished runs: table and plots")
     p.add_argument("dirs", nargs="+", help="run directories")

@@ -7,6 +7,7 @@ and values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -246,18 +247,19 @@ def to_toml(cfg: RunConfig) -> str:
     for section in sections():
         lines.append(f"[{section}]")
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A Python scalar or list of strings as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -269,6 +271,6 @@ def describe() -> str:
         for f in dataclasses.fields(kind):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
                 else f.default
-            out.append(f"  {f.name} = {_toml_value(default)}\n      {f.metadata.get('help', '')}")
+            out.append(f"  {f.name} = {toml_value(default)}\n      {f.metadata.get('help', '')}")
         out.append("")
     return "\n".join(out)

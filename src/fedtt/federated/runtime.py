@@ -129,13 +129,17 @@ class Runtime:
         t = self.cfg.training
         rows = self.partitions[partition_id]
         self.set_trainable(list(names) + self.local_only)
-        gen = torch.Generator().manual_seed(
-            int(hashlib.sha256(f"{t.seed}/{server_round}/{partition_id}".encode())
-                .hexdigest()[:8], 16))
+        seed = int(hashlib.sha256(f"{t.seed}/{server_round}/{partition_id}".encode())
+                   .hexdigest()[:8], 16)
         params = [self.params[n] for n in list(names) + self.local_only]
-        loss = train_local(self.model, self.train_data, rows, params, steps=t.local_steps,
-                           batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                           generator=gen)
+        # Dropout draws from torch's global generator: seed it per client and round (and
+        # restore it after), so results do not depend on what this process ran before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loss = train_local(self.model, self.train_data, rows, params,
+                               steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+                               weight_decay=t.weight_decay,
+                               generator=torch.Generator().manual_seed(seed))
         self.set_trainable(self.trainable)
         return loss, len(rows)
 

@@ -6,11 +6,13 @@ Deployment Engine; everything it needs comes from the run config.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
+from collections.abc import Iterable
 
-from flwr.app import Context, MetricRecord
+from flwr.app import Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -29,8 +31,31 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, context)
 
 
+def poll_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None,
+                 interval: float = 0.1) -> list[Message]:
+    """`Grid.send_and_receive` with the same meaning, pulling every `interval` seconds.
+
+    Flower 1.41's Deployment Engine grid waits 3 s between pulls, which adds up to 3 s to
+    every phase of every round; this uses only the Grid's public push and pull.
+    """
+    pending = set(grid.push_messages(messages))
+    end = None if timeout is None else time.time() + timeout
+    replies: list[Message] = []
+    while pending and (end is None or time.time() < end):
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(interval)
+    return replies
+
+
 def run(grid: Grid, context: Context) -> dict:
     """Run every round; write the run directory; return the summary."""
+    from fedtt.federated.inprocess import InProcessGrid
+
+    if not isinstance(grid, InProcessGrid):  # in-process replies arrive on the first pull
+        grid.send_and_receive = functools.partial(poll_replies, grid)
     rt = get_runtime(context.run_config)
     cfg = rt.cfg
     progress = tqdm(total=cfg.federation.rounds, desc=f"{rt.method.name} rounds",

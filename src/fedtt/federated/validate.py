@@ -49,9 +49,8 @@ def check_train_reply(content: RecordDict, rules: ReplyRules
     extra = [n for n in names if n not in rules.expected]
     if missing or extra:
         raise Rejected(f"wrong tensors: missing {_few(missing)}, unexpected {_few(extra)}")
-    tensors = {}
-    for name, ref in rules.expected.items():
-        tensors[name] = _tensor(name, arrays[name], ref, rules.max_abs_value)
+    tensors = {name: _tensor(name, arrays[name], ref) for name, ref in rules.expected.items()}
+    _check_values(tensors, rules.max_abs_value)
     others = {}
     for key, value in metrics.items():
         if key in ("partition-id", "num-examples"):
@@ -81,7 +80,7 @@ def _integer(metrics: MetricRecord, key: str, low: int, high: int) -> int:
     return int(value)
 
 
-def _tensor(name: str, array, ref: torch.Tensor, max_abs: float) -> torch.Tensor:
+def _tensor(name: str, array, ref: torch.Tensor) -> torch.Tensor:
     want_dtype = str(ref.dtype).removeprefix("torch.")
     if array.dtype != want_dtype:
         raise Rejected(f"{name}: dtype {array.dtype}, expected {want_dtype}")
@@ -91,16 +90,25 @@ def _tensor(name: str, array, ref: torch.Tensor, max_abs: float) -> torch.Tensor
     if len(array.data) > budget:
         raise Rejected(f"{name}: {len(array.data)} bytes, more than the {budget} allowed")
     try:
-        tensor = wire.from_array(array)  # truncated, corrupt, pickled, lying: refused
+        return wire.from_array(array)  # truncated, corrupt, pickled, lying: refused
     except ValueError as exc:
         raise Rejected(f"{name}: {exc}") from None
-    if not bool(torch.isfinite(tensor).all()):
-        raise Rejected(f"{name}: contains NaN or Inf")
-    if tensor.numel() and float(tensor.abs().max()) > max_abs:
-        raise Rejected(f"{name}: |value| up to {float(tensor.abs().max()):.3g} exceeds "
-                       f"{max_abs:g}")
-    return tensor
 
+
+def _check_values(tensors: Mapping[str, torch.Tensor], max_abs: float) -> None:
+    """Finite and bounded, checked over all tensors at once; the culprit named on failure."""
+    flat = [t.reshape(-1).float() for t in tensors.values()]
+    if not flat or sum(t.numel() for t in flat) == 0:
+        return
+    joined = torch.cat(flat)
+    if bool(torch.isfinite(joined).all()) and float(joined.abs().max()) <= max_abs:
+        return
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise Rejected(f"{name}: contains NaN or Inf")
+        if t.numel() and float(t.abs().max()) > max_abs:
+            raise Rejected(f"{name}: |value| up to {float(t.abs().max()):.3g} exceeds "
+                           f"{max_abs:g}")
 
 def _few(names: list[str], limit: int = 3) -> str:
     if not names:

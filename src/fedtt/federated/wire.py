@@ -12,6 +12,7 @@ format is plain .npy either way, so any Flower peer reads and writes it.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -32,6 +33,14 @@ def _header(dtype: str, shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+@lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError as exc:
+        raise ValueError(f"unknown dtype {name!r}") from exc
+
+
 def to_array(tensor: torch.Tensor) -> Array:
     values = tensor.detach().cpu().contiguous().numpy()
     dtype, shape = values.dtype.name, tuple(values.shape)
@@ -47,17 +56,13 @@ def from_array(array: Array) -> torch.Tensor:
     """Decode an Array (no pickle, ever); ValueError if its bytes do not match its header."""
     if array.stype != NUMPY_STYPE:
         raise ValueError(f"unsupported array type {array.stype!r}")
-    try:
-        dtype = np.dtype(array.dtype)
-    except TypeError as exc:
-        raise ValueError(f"unknown dtype {array.dtype!r}") from exc
+    dtype = _dtype(str(array.dtype))
     shape = tuple(int(d) for d in array.shape)
     if dtype.hasobject:
         raise ValueError("object arrays are refused (they would need pickle)")
-    header = _header(dtype.name, shape)
+    header = _header(str(array.dtype), shape)
     data = array.data
-    if data.startswith(header) and len(data) == len(header) + dtype.itemsize * int(
-            np.prod(shape, dtype=np.int64)):
+    if data.startswith(header) and len(data) == len(header) + dtype.itemsize * math.prod(shape):
         values = np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
     else:
         stream = io.BytesIO(data)

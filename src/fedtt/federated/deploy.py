@@ -1,0 +1,740 @@
+"""Run fedtt's unchanged ServerApp and ClientApp on Flower's Deployment Engine, on this machine.
+
+`LocalDeployment` starts a SuperLink and N SuperNodes on free 127.0.0.1 ports (optionally with
+TLS and SuperNode authentication), submits a generated Flower app directory with `flwr run`,
+waits for the run, reads Flower's traffic figures with `flwr ls --format json`, and stops every
+process it started by its own process id.
+
+Why a ClientApp worker: in flwr 1.41 a `flwr-clientapp` process handles exactly one message
+and exits, and the stock SuperExec (`--isolation subprocess`, or a separately started
+`flower-superexec` with `--isolation process`) launches one per message, so every round would
+rebuild the model in a fresh process. `serve_clientapps` takes the SuperExec's place for a
+SuperNode started with `--isolation process`: one long-lived process acquires each ClientApp
+task from the SuperNode's Runtime API and runs it in-process, so `get_runtime` builds the model
+once per SuperNode and reuses it every round. It reuses flwr's own task helpers (pull the task
+input, push the reply and the context), which the exact `flwr==1.41.0` pin keeps stable.
+
+    python -m fedtt.federated.deploy clientapp-worker --runtime-api-address 127.0.0.1:PORT \
+        --insecure            # or --root-certificates ca.pem when the Runtime API uses TLS
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import importlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtt.config import toml_value
+
+APP_NAME = "fedtt-deployment"
+APP_PUBLISHER = "fedtt"
+SERVERAPP = "fedtt.federated.server_app:app"
+CLIENTAPP = "fedtt.federated.client_app:app"
+CONNECTION = "fedtt-local"  # connection name in $FLWR_HOME/config.toml
+
+DEFAULT_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else uv builds a per-run env
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+# --- certificates and keys -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files: a self-signed CA and a server certificate/key that it signed."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """A SuperNode's authentication key pair (EC P-384, OpenSSH format, as flwr expects)."""
+
+    private_key: Path
+    public_key: Path
+
+
+def make_self_signed_certs(directory: str | Path,
+                           hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+                           days: int = 7) -> Certificates:
+    """Write a CA and a server certificate valid for `hosts` (IPs and DNS names) to `directory`.
+
+    For local tests only: the CA key is written next to the certificates, unencrypted.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtt local CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder()
+          .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(not_before).not_valid_after(not_after)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                       crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False,
+                                       decipher_only=False), critical=True)
+          .add_extension(ca_ski, critical=False)
+          .sign(ca_key, hashes.SHA256()))
+
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_ski), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+
+    certs = Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
+    certs.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (out / "ca.key").write_bytes(pem_key(ca_key))
+    certs.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    certs.server_key.write_bytes(pem_key(key))
+    for path in (out / "ca.key", certs.server_key):
+        path.chmod(0o600)
+    return certs
+
+
+def make_node_keys(directory: str | Path, name: str) -> NodeKeys:
+    """Write an EC P-384 key pair in OpenSSH format (`flower-supernode
+    --auth-supernode-private-key` and `flwr supernode register` read these)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    keys = NodeKeys(out / name, out / f"{name}.pub")
+    keys.private_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.OpenSSH,
+                                                   serialization.NoEncryption()))
+    keys.private_key.chmod(0o600)
+    keys.public_key.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return keys
+
+
+# --- the Flower app directory ----------------------------------------------------------------
+def fedtt_run_config(cfg: Any) -> dict[str, str]:
+    """Flower run config carrying a fedtt RunConfig: its TOML text under `fedtt-config`.
+
+    `output.dir` is made absolute first: the ServerApp runs in a process that the SuperLink
+    starts, whose working directory is not the caller's.
+    """
+    from fedtt.config import to_toml
+    from fedtt.federated.runtime import CONFIG_KEY
+
+    cfg = copy.deepcopy(cfg)
+    cfg.output.dir = str(Path(cfg.output.dir).absolute())
+    return {CONFIG_KEY: to_toml(cfg)}
+
+
+BUILD_LOG_MODULE = "fedtt_build_log"
+_BUILD_LOG_SOURCE = '''"""fedtt's apps; one JSON line per model build (pid, time) in {path!r}."""
+
+import json
+import os
+import time
+
+from fedtt.federated import runtime
+from fedtt.federated.client_app import app as clientapp
+from fedtt.federated.server_app import app as serverapp
+
+__all__ = ["clientapp", "serverapp"]
+_build = runtime.Runtime.__init__
+
+
+def _logged_build(self, cfg):
+    start = time.time()
+    _build(self, cfg)
+    with open({path!r}, "a", encoding="utf-8") as out:
+        out.write(json.dumps({{"pid": os.getpid(), "start": start,
+                              "seconds": time.time() - start}}) + "\\n")
+
+
+if not getattr(runtime.Runtime.__init__, "_fedtt_build_log", False):
+    _logged_build._fedtt_build_log = True
+    runtime.Runtime.__init__ = _logged_build
+'''
+
+
+def write_app_dir(directory: str | Path, run_config: Mapping[str, Any], *,
+                  build_log: str | Path | None = None) -> Path:
+    """Write a minimal Flower app directory: a `pyproject.toml` and nothing else.
+
+    Its components are fedtt's installed apps, so the bundle holds no code. Flower requires
+    `[project]` name and version, `[tool.flwr.app]` publisher and
+    `[tool.flwr.app.components]` serverapp and clientapp. `run_config` becomes
+    `[tool.flwr.app.config]`; a key with dots ("federation.rounds") is written quoted, so it
+    stays one flat key, which fedtt reads as a `section.key` override. Only keys written here
+    can be overridden with `flwr run --run-config`.
+
+    `build_log` (instrumentation): also write a small module that wraps fedtt's apps and
+    appends `{"pid", "start", "seconds"}` to that file each time a process builds the model
+    (`Runtime.__init__`), and point the components at it; see `read_build_log`.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    serverapp, clientapp = SERVERAPP, CLIENTAPP
+    if build_log is not None:
+        source = _BUILD_LOG_SOURCE.format(path=str(Path(build_log).absolute()))
+        (out / f"{BUILD_LOG_MODULE}.py").write_text(source, encoding="utf-8")
+        serverapp, clientapp = f"{BUILD_LOG_MODULE}:serverapp", f"{BUILD_LOG_MODULE}:clientapp"
+    lines = [
+        "[project]", f'name = "{APP_NAME}"', 'version = "1.0.0"',
+        'description = "fedtt on the Flower Deployment Engine"', 'license = "Apache-2.0"', "",
+        "[tool.flwr.app]", f'publisher = "{APP_PUBLISHER}"', "",
+        "[tool.flwr.app.components]", f"serverapp = {toml_value(serverapp)}",
+        f"clientapp = {toml_value(clientapp)}", "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in run_config.items()]
+    (out / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def read_build_log(path: str | Path) -> list[dict[str, Any]]:
+    """The model builds a `build_log` app recorded, one dict per build."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+# --- processes ---------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float, what: str,
+               log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}:\n"
+                               + _tail(log))
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{what} did not listen on {host}:{port} in {timeout:.0f} s; see {log}")
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _bin(name: str) -> str:
+    """An executable next to this interpreter (the venv's), else on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+@dataclass
+class Process:
+    """A process this module started, in its own session (its pid is its group id)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass
+class RunResult:
+    """One finished `flwr run`: its id, final status and Flower's own figures for it."""
+
+    run_id: int
+    status: str  # e.g. "finished:completed"
+    inbound_bytes: int  # SuperNodes -> SuperLink (Fleet API payloads)
+    outbound_bytes: int  # SuperLink -> SuperNodes
+    total_bytes: int
+    seconds: float  # wall time of submit + wait, seen from here
+    listing: dict[str, Any] = field(default_factory=dict)  # the run's `flwr ls` JSON entry
+    log: str = ""  # the ServerApp log, as `flwr log` streamed it
+
+
+def traffic_report(run_dir: str | Path, result: RunResult) -> dict[str, Any]:
+    """Flower's byte counts for a run next to fedtt's ledger of the same run.
+
+    Flower counts Fleet API payloads (protobuf messages and object contents, not HTTP or
+    TLS framing) between the SuperLink and the SuperNodes: `inbound` is what the nodes
+    sent (uploads), `outbound` what they received (downloads). The ledger counts tensor
+    payload (4 bytes per float32 value). The ratio is Flower's framing per tensor (object
+    ids, trees, metadata, the message config) on top of the payload: large for many tiny
+    tensors, near 1 for large ones.
+    """
+    rounds = [json.loads(x) for x in
+              (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    up = sum(int(r.get("upload_bytes", 0)) for r in rounds)
+    down = sum(int(r.get("download_bytes", 0)) for r in rounds)
+    return {
+        "run_id": result.run_id,
+        "flower": {"inbound_bytes": result.inbound_bytes,
+                   "outbound_bytes": result.outbound_bytes,
+                   "total_bytes": result.total_bytes},
+        "ledger": {"upload_bytes": up, "download_bytes": down, "total_bytes": up + down,
+                   "upload_wire_bytes": sum(int(r.get("upload_wire_bytes", 0))
+                                            for r in rounds)},
+        "upload_ratio": result.inbound_bytes / up if up else None,
+        "download_ratio": result.outbound_bytes / down if down else None,
+        "overhead_ratio": result.total_bytes / (up + down) if up + down else None,
+    }
+
+
+class LocalDeployment:
+    """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1, stopped by pid on exit.
+
+    `warm=True` (default) starts each SuperNode with `--isolation process` plus one
+    `clientapp-worker` from this module, so the model is built once per SuperNode;
+    `warm=False` keeps Flower's default `--isolation subprocess` (a fresh process, and model,
+    per message). `tls=True` serves every API (SuperLink and the SuperNodes' Runtime APIs)
+    over TLS with certificates made here; `node_auth=True` (needs TLS) also turns on
+    SuperNode authentication and registers each node's public key with `flwr supernode
+    register` before the node starts.
+    """
+
+    def __init__(self, workdir: str | Path, num_nodes: int = 2, *, tls: bool = False,
+                 node_auth: bool = False, warm: bool = True,
+                 node_configs: Sequence[Mapping[str, Any]] | None = None,
+                 env: Mapping[str, str] | None = None, startup_timeout: float = 60.0,
+                 preload: Sequence[str] = ("fedtt.federated.client_app",)) -> None:
+        if node_auth and not tls:
+            raise ValueError("SuperNode authentication requires TLS")
+        self.workdir = Path(workdir).absolute()
+        self.num_nodes = num_nodes
+        self.tls, self.node_auth, self.warm = tls, node_auth, warm
+        self.node_configs = list(node_configs or [
+            {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)])
+        if len(self.node_configs) != num_nodes:
+            raise ValueError("need one node config per node")
+        self.startup_timeout = startup_timeout
+        self.preload_args = [a for m in preload for a in ("--preload", m)]
+        self.home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        self.env = {**os.environ, **DEFAULT_ENV, "FLWR_HOME": str(self.home), **(env or {})}
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        self.processes: list[Process] = []
+        self.certs: Certificates | None = None
+        self.node_keys: list[NodeKeys] = []
+        self.superlink_port = 0
+        self.node_ports: list[int] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> LocalDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.superlink_port}"
+
+    def start(self) -> None:
+        """Start the SuperLink, write the CLI connection, then start every SuperNode."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.certs = make_self_signed_certs(self.workdir / "certs")
+        self.superlink_port = free_port()
+        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1",
+               "--port", str(self.superlink_port), "--disable-runtime-dependency-installation",
+               *self._server_tls_args()]
+        if self.node_auth:
+            cmd.append("--enable-supernode-auth")
+        link = self._spawn("superlink", cmd)
+        _wait_port("127.0.0.1", self.superlink_port, link.proc, self.startup_timeout,
+                   "flower-superlink", link.log)
+        self._write_connection()
+        if self.node_auth:
+            for i in range(self.num_nodes):
+                keys = make_node_keys(self.workdir / "node-keys", f"node{i}")
+                self.node_keys.append(keys)
+                self.flwr("supernode", "register", str(keys.public_key), CONNECTION,
+                          "--name", f"node{i}")
+        for i, node_config in enumerate(self.node_configs):
+            self._start_node(i, node_config)
+        self.wait_for_nodes(self.num_nodes)
+
+    def _start_node(self, i: int, node_config: Mapping[str, Any]) -> None:
+        port = free_port()
+        self.node_ports.append(port)
+        cmd = [_bin("flower-supernode"), "--superlink", self.address,
+               "--host", "127.0.0.1", "--port", str(port),
+               "--node-config", " ".join(f"{k}={toml_value(v)}"
+                                          for k, v in node_config.items()),
+               "--isolation", "process" if self.warm else "subprocess"]
+        if self.tls:
+            assert self.certs is not None
+            cmd += ["--root-certificates", str(self.certs.ca_cert),
+                    *self._server_tls_args()]  # the node's Runtime API over TLS too
+        else:
+            cmd.append("--insecure")
+        if self.node_auth:
+            cmd += ["--auth-supernode-private-key", str(self.node_keys[i].private_key)]
+        node = self._spawn(f"supernode{i}", cmd)
+        _wait_port("127.0.0.1", port, node.proc, self.startup_timeout, f"supernode {i}",
+                   node.log)
+        if self.warm:
+            worker = [sys.executable, "-m", "fedtt.federated.deploy", "clientapp-worker",
+                      "--runtime-api-address", f"127.0.0.1:{port}",
+                      "--parent-pid", str(node.pid), *self.preload_args]
+            if self.tls:
+                assert self.certs is not None
+                worker += ["--root-certificates", str(self.certs.ca_cert)]
+            else:
+                worker.append("--insecure")
+            self._spawn(f"clientapp{i}", worker)
+
+    def _server_tls_args(self) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        assert self.certs is not None
+        return ["--ssl-certfile", str(self.certs.server_cert),
+                "--ssl-keyfile", str(self.certs.server_key),
+                "--ssl-ca-certfile", str(self.certs.ca_cert)]
+
+    def _write_connection(self) -> None:
+        """`[superlink.fedtt-local]` in $FLWR_HOME/config.toml, the CLI's connection."""
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "",
+                 f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
+        if self.tls:
+            assert self.certs is not None
+            lines.append(f"root-certificates = {toml_value(str(self.certs.ca_cert))}")
+        else:
+            lines.append("insecure = true")
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _spawn(self, name: str, cmd: list[str]) -> Process:
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        process = Process(name, proc, log)
+        self.processes.append(process)
+        return process
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM each started process group (its pid), newest first; SIGKILL after `grace`.
+
+        A process's group also holds what it spawned itself (a SuperExec and its ServerApp
+        or ClientApp processes), so nothing it started outlives it.
+        """
+        for p in reversed(self.processes):
+            _signal_group(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in reversed(self.processes):
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(p.pid, signal.SIGKILL)  # leftovers in the group, if any
+            if p.proc.poll() is None:
+                p.proc.wait(5)
+        self.processes.clear()
+
+    # --- the Flower CLI ----------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> str:
+        """Run `flwr ARGS` against this deployment's FLWR_HOME; its stdout (error if rc != 0)."""
+        res = subprocess.run([_bin("flwr"), *args], capture_output=True, text=True,
+                             env=self.env, cwd=self.workdir, timeout=timeout, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({res.returncode}):\n"
+                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res.stdout
+
+    def flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        out = self.flwr(*args, "--format", "json", timeout=timeout)
+        return json.loads(out[out.index("{"):])
+
+    def wait_for_nodes(self, count: int, timeout: float | None = None) -> list[dict]:
+        """Poll `flwr supernode ls` until `count` SuperNodes are online."""
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while True:
+            nodes = self.flwr_json("supernode", "ls", CONNECTION).get("nodes", [])
+            online = [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+            if len(online) >= count:
+                return online
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(online)} of {count} SuperNodes online: {nodes}")
+            for p in self.processes:
+                if p.proc.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited; see {p.log}:\n{_tail(p.log)}")
+            time.sleep(1.0)
+
+    def run(self, app_dir: str | Path, *, run_config: Mapping[str, Any] | None = None,
+            timeout: float = 600.0) -> RunResult:
+        """`flwr run` the app, stream its log until it ends, then read its `flwr ls` entry.
+
+        `run_config` overrides keys already in the app's `[tool.flwr.app.config]`; it is
+        passed as a TOML file (`--run-config file.toml`), so long multi-line strings such
+        as a whole fedtt config survive (the `k=v` form cannot carry quotes or newlines).
+        """
+        start = time.monotonic()
+        args = ["run", str(Path(app_dir).absolute()), CONNECTION]
+        if run_config:
+            path = self.workdir / f"run-config-{time.time_ns()}.toml"
+            path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n"
+                                    for k, v in run_config.items()), encoding="utf-8")
+            args += ["--run-config", str(path)]
+        submitted = self.flwr_json(*args)
+        run_id = int(submitted["run-id"])
+        log = ""
+        try:  # returns when the run ends; polling `flwr ls` below is the fallback
+            log = self.flwr("log", str(run_id), CONNECTION, "--stream", timeout=timeout)
+        except (subprocess.TimeoutExpired, RuntimeError) as exc:
+            log = f"(flwr log: {exc})"
+        entry = self.run_info(run_id)
+        while not str(entry.get("status", "")).startswith("finished"):
+            if time.monotonic() - start > timeout:
+                self.flwr("stop", str(run_id), CONNECTION)
+                raise TimeoutError(f"run {run_id} still {entry.get('status')} after "
+                                   f"{timeout:.0f} s; stopped it")
+            time.sleep(2.0)
+            entry = self.run_info(run_id)
+        traffic = entry.get("network-traffic", {})
+        return RunResult(run_id=run_id, status=str(entry["status"]),
+                         inbound_bytes=int(traffic.get("inbound-bytes", 0)),
+                         outbound_bytes=int(traffic.get("outbound-bytes", 0)),
+                         total_bytes=int(traffic.get("total-bytes", 0)),
+                         seconds=time.monotonic() - start, listing=entry, log=log)
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The run's entry in `flwr ls --run-id ID --format json`."""
+        runs = self.flwr_json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        return next((r for r in runs if int(r["run-id"]) == run_id), {})
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the starting thread dies, so a
+    hard-killed test run does not leave a SuperLink or SuperNode behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --- the long-lived ClientApp worker ---------------------------------------------------------
+def serve_clientapps(runtime_api_address: str, *, insecure: bool = True,
+                     root_certificates: str | Path | None = None, poll_interval: float = 0.1,
+                     stop: threading.Event | None = None, max_tasks: int | None = None) -> int:
+    """Run every ClientApp task of a SuperNode (`--isolation process`) in this process.
+
+    Does what `flower-superexec` + one `flwr-clientapp` per message do, minus the process
+    per message: acquire a task token, pull the message and context, call the ClientApp
+    (loaded once per app bundle, so module state such as fedtt's runtime cache survives),
+    push the reply and the updated context. Returns the number of tasks run.
+    """
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    certs = Path(root_certificates).read_bytes() if root_certificates else None
+    if certs is not None:
+        insecure = False
+    stop = stop or threading.Event()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=insecure, root_certificates=certs,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker())
+    load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    apps: dict[str, Any] = {}
+
+    def client_app_for(run: Any, fab: Any) -> Any:
+        if fab.hash_str not in apps:
+            install_from_fab(fab.content, skip_prompt=True)
+            apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
+        return apps[fab.hash_str]
+
+    done = 0
+    try:
+        while not stop.is_set() and (max_tasks is None or done < max_tasks):
+            res = client.AcquireTask(AcquireTaskRequest(
+                supported_task_types=[TaskType.CLIENT_APP]))
+            if res.HasField("task") and res.token:
+                _run_task(runtime_api_address, res.token, insecure, certs, client_app_for)
+                done += 1
+                continue
+            stop.wait(poll_interval)
+    finally:
+        client.close()
+    return done
+
+
+def _run_task(address: str, token: str, insecure: bool, certs: bytes | None,
+              client_app_for: Any) -> None:
+    """One ClientApp task, as `flwr-clientapp` runs it, without exiting the process."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore import log
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=certs,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        reply = client_app_for(run, fab)(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # the node answers with an Error, as flwr-clientapp does
+        code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(exc, LoadClientAppError)
+                else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+        details = f"{type(exc)}:<'{exc}'>"
+        log(logging.ERROR, "ClientApp raised an exception", exc_info=exc)
+        if message is not None:
+            reply = Message(Error(code=code, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        finally:
+            push_task_output(client=client, context=context, sub_status=status,
+                             details=details)
+            heartbeat.stop()
+            client.close()
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)  # the SuperNode is gone: nothing left to serve
+            stop.wait(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedtt.federated.deploy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("clientapp-worker",
+                            help="serve a SuperNode's ClientApp tasks in one process")
+    worker.add_argument("--runtime-api-address", required=True,
+                        help="the SuperNode's Runtime API, host:port (its --port)")
+    tls = worker.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
+    tls.add_argument("--root-certificates", help="CA certificate (PEM) of the Runtime API")
+    worker.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    worker.add_argument("--poll-interval", type=float, default=0.1)
+    worker.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before serving (e.g. the ClientApp's module, so "
+                             "its imports are not paid inside the first round)")
+    args = parser.parse_args(argv)
+    for module in args.preload:
+        importlib.import_module(module)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.parent_pid:
+        _watch_parent(args.parent_pid, stop)
+    serve_clientapps(args.runtime_api_address, insecure=args.insecure,
+                     root_certificates=args.root_certificates,
+                     poll_interval=args.poll_interval, stop=stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""fedtt's unchanged ServerApp and ClientApp on Flower's Deployment Engine (127.0.0.1).
+
+A SuperLink and two SuperNodes run two FedTT rounds on the tiny model; the run must match an
+in-process run of the same config and seed exactly (metrics, bytes, ledger), build the model
+once per process, and leave no process behind. One variant is plain HTTP and overrides a
+dotted key (`federation.rounds`) with `--run-config`; the other uses TLS with SuperNode
+authentication and passes the whole fedtt config as a TOML string with `--run-config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtt.config import load_config
+from fedtt.federated.deploy import (
+    LocalDeployment,
+    fedtt_run_config,
+    read_build_log,
+    traffic_report,
+    write_app_dir,
+)
+from fedtt.federated.inprocess import run_inprocess
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("flower-superlink") is None
+                       and not (Path(sys.executable).parent / "flower-superlink").exists(),
+                       reason="flwr's deployment executables are not installed"),
+]
+
+# Compared exactly: with `training.threads = 1` in every process the float results are
+# bit-identical (with different intra-op thread counts they differ in the 7th digit).
+# Node ids are random on the Deployment Engine, so clients (and ledger rows) come in node-id
+# order: compared as sets. With two clients the weighted average does not depend on order.
+EXACT = ["round", "accuracy", "loss", "macro_f1", "train_loss", "upload_bytes",
+         "download_bytes", "cumulative_bytes", "upload_wire_bytes", "failed", "rejected",
+         "retries", "aggregation_gap"]
+
+
+def ledger_key(row: dict) -> tuple:
+    return (row["round"], row["client"], row["direction"], row["name"])
+
+
+def tiny(out_dir: Path, **sets):
+    base = {"model.name": "arch:tiny-llama", "model.max_length": 16, "data.task": "synthetic",
+            "data.partition": "iid", "data.max_train_examples": 96,
+            "data.max_test_examples": 64, "federation.num_clients": 2,
+            "federation.rounds": 2, "training.local_steps": 6, "training.batch_size": 8,
+            "training.lr": 0.01, "training.threads": 1, "output.plots": False,
+            "output.dir": str(out_dir)}
+    base.update(sets)
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def read_run(run_dir: Path):
+    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    ledger = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    return rounds, ledger, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def flower_env(tmp_path, monkeypatch):
+    for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path / "flwr-home"),
+                       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def inprocess_reference(cfg):
+    threads = torch.get_num_threads()
+    try:
+        run_inprocess(cfg, quiet=True)
+    finally:
+        torch.set_num_threads(threads)  # the Runtime pinned it to training.threads
+    return read_run(Path(cfg.output.dir))
+
+
+def group_gone(pgid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-auth"])
+def test_deployment_matches_inprocess(tmp_path, flower_env, secure):
+    out = tmp_path / "deployed"
+    cfg = tiny(out)
+    ref_rounds, ref_ledger, ref_summary = inprocess_reference(tiny(tmp_path / "inprocess"))
+
+    builds = tmp_path / "builds.jsonl"
+    if secure:
+        # The app carries a placeholder; the real config arrives as one long TOML string.
+        placeholder = tiny(tmp_path / "unused", **{"federation.rounds": 1})
+        app = write_app_dir(tmp_path / "app", fedtt_run_config(placeholder), build_log=builds)
+        overrides = fedtt_run_config(cfg)
+    else:
+        # The app says one round; a dotted key overrides it (fedtt reads `section.key`).
+        app = write_app_dir(tmp_path / "app",
+                            {**fedtt_run_config(cfg), "federation.rounds": 1},
+                            build_log=builds)
+        overrides = {"federation.rounds": 2}
+
+    with LocalDeployment(tmp_path / "deploy", 2, tls=secure, node_auth=secure) as dep:
+        pids = list(dep.pids)
+        workers = {p.pid for p in dep.processes if p.name.startswith("clientapp")}
+        started = time.monotonic()
+        result = dep.run(app, run_config=overrides, timeout=240)
+        run_seconds = time.monotonic() - started
+        assert result.status == "finished:completed", result.log[-3000:]
+        if secure:
+            assert dep.certs is not None and len(dep.node_keys) == 2
+            assert "https://" in (dep.logs / "superlink.log").read_text()
+
+    # Nothing keeps running: every started process and everything it spawned is gone.
+    assert all(group_gone(pid) for pid in pids)
+
+    rounds, ledger, summary = read_run(out)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for mine, ref in zip(rounds, ref_rounds, strict=True):
+        assert {k: mine.get(k) for k in EXACT} == {k: ref.get(k) for k in EXACT}
+        assert sorted(mine["clients"]) == sorted(ref["clients"])
+    assert sorted(ledger, key=ledger_key) == sorted(ref_ledger, key=ledger_key)
+    assert summary["final_accuracy"] == ref_summary["final_accuracy"]
+    assert summary["final_loss"] == ref_summary["final_loss"]
+
+    # One model build per process: the ServerApp's, and one per SuperNode's ClientApp worker.
+    built = read_build_log(builds)
+    assert len(built) == 3 and len({b["pid"] for b in built}) == 3
+    assert workers <= {b["pid"] for b in built}
+
+    # Flower's Fleet API byte counts against the ledger's tensor payload.
+    report = traffic_report(out, result)
+    assert result.inbound_bytes + result.outbound_bytes == result.total_bytes
+    assert result.inbound_bytes > report["ledger"]["upload_wire_bytes"]
+    assert result.outbound_bytes > report["ledger"]["download_bytes"]
+    assert 1.0 < report["overhead_ratio"] < 5.0  # tiny tensors: framing dominates
+    print(f"\n[{'tls+auth' if secure else 'insecure'}] run {run_seconds:.1f} s; "
+          f"flower {result.total_bytes} B (in {result.inbound_bytes}, out "
+          f"{result.outbound_bytes}) vs ledger {report['ledger']['total_bytes']} B: "
+          f"overhead x{report['overhead_ratio']:.2f}")
+
+
+def test_repository_is_a_flower_app(tmp_path):
+    """`flwr run .` from the repository packs it as a Flower app (FAB) under Flower's 10 MB."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    flwr = Path(sys.executable).parent / "flwr"
+    done = subprocess.run([str(flwr), "build", "--app", str(repo)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FLWR_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    fabs = list(tmp_path.glob("*.fab"))
+    assert len(fabs) == 1 and fabs[0].stat().st_size < 10 * 2**20
