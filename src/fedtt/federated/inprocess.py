@@ -4,8 +4,8 @@
 message, with one `Context` per simulated node (its partition id and its small state). The
 model lives once in the process (see `runtime.py`), so memory does not grow with clients.
 This touches one Flower internal, `TaskIdentity` (the pin on flwr keeps it stable; a test
-covers it). Each call runs in a worker thread so that a client that hangs past the timeout
-can be abandoned; the shared model is guarded by `Runtime.lock`.
+covers it). Calls run on a worker thread so that a client that hangs past the timeout can be
+abandoned (with its thread); the shared model is guarded by `Runtime.lock`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-import threading
 import traceback
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -49,6 +50,10 @@ class InProcessGrid(Grid):
         self._ids = itertools.count(1)
         self._pending: dict[str, Message] = {}
         self._run = None
+        # One long-lived worker thread runs the client calls (a new thread per call would
+        # give each its own malloc arena, and memory would grow by the activations of one
+        # training step per call).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client")
 
     def set_run(self, run) -> None:
         self._run = run
@@ -102,19 +107,22 @@ class InProcessGrid(Grid):
 
     def _call(self, msg: Message, timeout: float | None) -> Message | None:
         context = self.contexts[msg.metadata.dst_node_id]
-        box: list[Message] = []
 
-        def work() -> None:
+        def work() -> Message:
             try:
-                box.append(self.client_app(msg, context))
+                return self.client_app(msg, context)
             except Exception as exc:  # a failing client must not end the run
                 reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-                box.append(Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg))
+                return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=msg)
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        worker.join(timeout)
-        return box[0] if box else None
+        future = self._worker.submit(work)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            # Abandon the hung call with its thread; later calls get a fresh one.
+            self._worker.shutdown(wait=False)
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client")
+            return None
 
 
 def act_as_server() -> None:
