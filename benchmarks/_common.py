@@ -11,11 +11,12 @@ CHILD = r"""
 import json, resource, sys, time
 from fedtt.config import load_config
 from fedtt.federated.inprocess import run_inprocess
+from fedtt.results import read_rounds
 sets = json.loads(sys.argv[1])
 cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 start = time.perf_counter()
 summary = run_inprocess(cfg, quiet=True)
-rounds = [json.loads(x) for x in open(cfg.output.dir + "/rounds.jsonl")]
+rounds = read_rounds(cfg.output.dir)
 print(json.dumps({"wall_s": time.perf_counter() - start, "summary": summary, "rounds": rounds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -34,6 +34,7 @@ from fedtt.federated.deploy import (
     traffic_report,
     write_app_dir,
 )
+from fedtt.results import read_rounds
 
 MODELS = {"tiny": "arch:tiny-llama", "minilm": "minilm"}
 COMPARED = ["accuracy", "loss", "upload_bytes", "download_bytes", "train_loss"]
@@ -61,8 +62,7 @@ def run_case(model: str, isolation: str, rounds: int, tmp: Path) -> dict:
         result = dep.run(app, timeout=600)
         workers = [p.pid for p in dep.processes if p.name.startswith("clientapp")]
     total = time.perf_counter() - start
-    rounds_rows = [json.loads(x) for x in
-                   (Path(cfg.output.dir) / "rounds.jsonl").read_text().splitlines()]
+    rounds_rows = read_rounds(cfg.output.dir)
     built = read_build_log(builds)
     ref = run_child({**sets, "output.dir": str(tmp / f"{model}-{isolation}-inprocess")})
     pairs = list(zip(rounds_rows, ref["rounds"], strict=True))

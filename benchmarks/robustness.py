@@ -29,6 +29,7 @@ from fedtt.federated import client_app as default_client
 from fedtt.federated.faults import MUTATIONS, Harness
 from fedtt.federated.inprocess import run_inprocess
 from fedtt.federated.strategy import RoundFailed
+from fedtt.results import read_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +94,7 @@ def scenarios(tmp: str) -> list[dict]:
         except RoundFailed:
             pass
         summary = json.loads((Path(cfg.output.dir) / "summary.json").read_text())
-        rounds = [json.loads(x) for x in
-                  (Path(cfg.output.dir) / "rounds.jsonl").read_text().splitlines()]
+        rounds = read_rounds(cfg.output.dir)
         stopped = summary["stopped_round"] or {"failed": []}
         out.append({"scenario": label, "expected": expected, "status": summary["status"],
                     "rounds_done": summary["rounds"],

@@ -87,14 +87,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def read_rounds(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's `rounds.jsonl`."""
+    text = (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_run(run_dir: str | Path) -> dict:
     """A run's summary, rounds and resolved config name fields."""
     run_dir = Path(run_dir)
     for needed in ("rounds.jsonl", "summary.json"):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir} is not a finished fedtt run (no {needed})")
-    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()
-              if line.strip()]
+    rounds = read_rounds(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"dir": str(run_dir), "name": run_dir.name, "rounds": rounds, "summary": summary}
 
@@ -145,7 +150,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
 
 
 def _load_rounds(run_dir: Path) -> tuple[str, list[dict]]:
-    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = read_rounds(run_dir)
     label = f"{run_dir.name} ({rows[0]['method']})" if rows else run_dir.name
     return label, rows

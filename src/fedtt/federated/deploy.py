@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtt.config import toml_value
+from fedtt.results import read_rounds
 
 APP_NAME = "fedtt-deployment"
 APP_PUBLISHER = "fedtt"
@@ -323,8 +324,7 @@ def traffic_report(run_dir: str | Path, result: RunResult) -> dict[str, Any]:
     ids, trees, metadata, the message config) on top of the payload: large for many tiny
     tensors, near 1 for large ones.
     """
-    rounds = [json.loads(x) for x in
-              (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    rounds = read_rounds(run_dir)
     up = sum(int(r.get("upload_bytes", 0)) for r in rounds)
     down = sum(int(r.get("download_bytes", 0)) for r in rounds)
     return {
