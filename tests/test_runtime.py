@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from fedtt.adapters import AdapterConfig
 from fedtt.config import load_config
 from fedtt.federated import client_app as capp
+from fedtt.federated import wire
 from fedtt.federated.inprocess import run_inprocess
 from fedtt.federated.runtime import get_runtime
 from fedtt.methods import MethodConfig, core_groups
@@ -201,6 +202,40 @@ def test_client_eval_reports_local_metrics(tmp_path):
     run_inprocess(cfg, quiet=True)
     rounds, _, _ = read(cfg.output.dir)
     assert all(0.0 <= r["local_accuracy"] <= 1.0 for r in rounds[1:])
+
+
+def test_eval_every_skips_metrics_between_but_counts_every_round(tmp_path):
+    cfg = tiny(tmp_path, **{"federation.eval_every": 2, "federation.rounds": 5,
+                            "output.plots": True})
+    summary = run_inprocess(cfg, quiet=True)
+    rounds, _, _ = read(cfg.output.dir)
+    evaluated = [r["round"] for r in rounds if r["accuracy"] is not None]
+    assert evaluated == [0, 2, 4, 5]  # every 2nd, and always the last
+    assert all(r["loss"] is None and r["upload_bytes"] > 0 for r in rounds if r["round"] in (1, 3))
+    assert summary["final_accuracy"] == rounds[-1]["accuracy"] and summary["rounds"] == 5
+    assert summary["total_bytes"] == sum(r["upload_bytes"] + r["download_bytes"] for r in rounds)
+    assert (Path(cfg.output.dir) / "plots" / "accuracy_vs_mb.png").exists()
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_half_precision_payloads_halve_the_ledger_and_keep_float32_masters(tmp_path, precision):
+    runs = {}
+    for p in ("float32", precision):
+        cfg = tiny(tmp_path, p, **{"federation.precision": p, "method.name": "fedtt+"})
+        run_inprocess(cfg, quiet=True)
+        runs[p] = read(cfg.output.dir)
+    (full, _, s32), (half, ledger16, s16) = runs["float32"], runs[precision]
+    assert all(row["dtype"] == precision for row in ledger16)
+    for a, b in zip(full[1:], half[1:], strict=True):
+        assert 2 * b["upload_bytes"] == a["upload_bytes"] > 0
+        assert 2 * b["download_bytes"] == a["download_bytes"] > 0
+    assert s16["total_bytes"] * 2 == s32["total_bytes"]
+    assert half[-1]["loss"] < half[0]["loss"]  # still learns
+    assert abs(half[-1]["loss"] - full[-1]["loss"]) < 0.05 * full[-1]["loss"]
+    saved = load_file(str(tmp_path / precision / "global.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert any(not torch.equal(t, t.to(wire.PRECISIONS[precision]).float())
+               for t in saved.values())  # averaging in float32 leaves the half grid
 
 
 def test_report_table_and_shared_plots(tmp_path, capsys):

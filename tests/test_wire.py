@@ -22,6 +22,18 @@ def test_round_trip_is_exact_and_readable_by_numpy(shape, dtype):
     assert torch.equal(wire.from_array(flower), t)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(), (7,), (5, 8, 5)])
+def test_payload_precision_round_trip_is_the_cast(precision, shape):
+    t = torch.randn(shape) * 10
+    a = wire.to_array(t, precision)
+    got = wire.from_array(a)
+    assert a.dtype == precision and got.dtype == wire.PRECISIONS[precision]
+    assert torch.equal(got, t.to(wire.PRECISIONS[precision]))  # exactly the cast, no drift
+    assert len(a.data) - len(wire._header(precision, shape)) == t.numel() * wire.itemsize(
+        precision)
+
+
 def test_non_canonical_header_falls_back_to_numpy():
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
     buf = io.BytesIO()

@@ -27,14 +27,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtt.config import load_config
+    from fedtt.config import ConfigError, load_config
     from fedtt.data import format_label_table
     from fedtt.federated.inprocess import run_inprocess
     from fedtt.results import read_run
 
-    overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
-    cfg = load_config(args.config, overrides)
-    summary = run_inprocess(cfg, quiet=args.quiet, verbose=args.verbose)
+    if args.resume:
+        if args.config or args.overrides or args.out:
+            raise ConfigError("--resume continues a run with its own config.toml: leave out "
+                              "--config, --set and --out")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").exists():
+            raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists() and json.loads(summary_path.read_text())["status"] == \
+                "completed":
+            raise ConfigError(f"{run_dir} finished already; nothing to resume")
+        cfg = load_config(str(run_dir / "config.toml"),
+                          [f"output.dir={json.dumps(str(run_dir))}"])
+    else:
+        overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
+        cfg = load_config(args.config, overrides)
+    summary = run_inprocess(cfg, quiet=args.quiet, verbose=args.verbose,
+                            resume=bool(args.resume))
     out = Path(cfg.output.dir)
     labels = json.loads((out / "label_counts.json").read_text())
     if not args.quiet:
@@ -103,6 +118,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedtt.export import export_run
+
+    out = export_run(args.run_dir, args.out, merge=args.merge)
+    kind = "a Hugging Face model directory (adapters merged)" if args.merge else \
+        "adapters and a manifest (fedtt predict loads them)"
+    print(f"wrote {kind} to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedtt.export import load_exported
+
+    texts = list(args.texts)
+    if args.file:
+        texts += read_texts(Path(args.file), args.text_column)
+    if not texts:
+        raise ValueError("nothing to predict: give texts or --file")
+    predictor = load_exported(args.model_dir)
+    if args.json:
+        probs = predictor.scores(texts)
+        for text, row in zip(texts, probs, strict=True):
+            scores = dict(zip(predictor.label_names, map(float, row), strict=True))
+            print(json.dumps({"text": text, "label": max(scores, key=scores.get),
+                              "scores": scores}))
+    else:
+        for text, (label, score) in zip(texts, predictor.predict(texts), strict=True):
+            print(f"{label}\t{score:.4f}\t{text}")
+    return 0
+
+
+def read_texts(path: Path, column: str) -> list[str]:
+    """Texts from a .txt (one per line), .csv, .jsonl or .parquet file (column `column`)."""
+    import pandas as pd
+
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
+               ".parquet": pd.read_parquet}
+    if suffix not in readers:
+        raise ValueError(f"{path}: use .txt, .csv, .jsonl or .parquet")
+    frame = readers[suffix](path)
+    if column not in frame.columns:
+        raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)})")
+    return [str(t) for t in frame[column]]
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedtt.config import describe, load_config, to_toml
 
@@ -147,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (overrides output.dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the killed run in DIR from its last checkpoint")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
@@ -170,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     _add_overrides(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("export", help="write a finished run's model: adapters, or a merged "
+                                      "Hugging Face model directory (LoRA)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--merge", action="store_true",
+                   help="fold LoRA into the weights (not possible for TT adapters)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="label texts with an exported model")
+    p.add_argument("model_dir")
+    p.add_argument("texts", nargs="*", help="texts to label")
+    p.add_argument("--file", help=".txt (one text per line), .csv, .jsonl or .parquet")
+    p.add_argument("--text-column", default="text", help="text column of --file")
+    p.add_argument("--json", action="store_true", help="one JSON object per text, all scores")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="built-in tasks: list, or fetch and prepare")
     p.add_argument("action", choices=["list", "prepare"])

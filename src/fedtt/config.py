@@ -65,6 +65,12 @@ class FederationConfig:
     clients_per_round: int = field(default=0, metadata={
         "help": "cross-device: clients sampled per round (0 = 10% of num_clients)."})
     rounds: int = field(default=10, metadata={"help": "Communication rounds."})
+    precision: str = field(default="float32", metadata={
+        "help": "Tensors on the wire, both directions: float32, bfloat16 or float16 (each "
+                "side keeps its master copy in float32)."})
+    eval_every: int = field(default=1, metadata={
+        "help": "Evaluate the global model every N rounds (round 0 and the last round "
+                "always); rounds in between record bytes with null metrics."})
     client_eval: bool = field(default=False, metadata={
         "help": "Also evaluate the global model on each client's local test split."})
     min_replies: int = field(default=1, metadata={
@@ -124,6 +130,9 @@ class RunConfig:
              "must be cross-silo or cross-device"),
             ("federation.min_replies", 1 <= self.federation.min_replies
              <= self.clients_per_round(), "must be between 1 and the clients per round"),
+            ("federation.precision", self.federation.precision in
+             ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
+            ("federation.eval_every", self.federation.eval_every >= 1, "must be >= 1"),
             ("federation.round_retries", self.federation.round_retries >= 0, "must be >= 0"),
             ("federation.timeout", self.federation.timeout > 0, "must be > 0"),
             ("federation.max_update_norm", self.federation.max_update_norm >= 0,

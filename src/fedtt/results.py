@@ -22,13 +22,21 @@ ROUND_KEYS = ("round", "method", "accuracy", "loss", "macro_f1", "upload_bytes",
 class Recorder:
     """Writes a run's files as the run goes (rows are flushed, so a crash loses nothing)."""
 
-    def __init__(self, out_dir: str | Path, config_toml: str) -> None:
+    def __init__(self, out_dir: str | Path, config_toml: str,
+                 resume_round: int | None = None) -> None:
+        """A fresh run directory, or (`resume_round`) one whose rows past that round are cut
+        off (a run killed mid-round) and which is appended to from there."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.toml").write_text(config_toml)
-        self._rounds = open(self.dir / "rounds.jsonl", "w")
-        self._ledger = open(self.dir / "ledger.jsonl", "w")
         self.rows: list[dict] = []
+        if resume_round is not None:
+            _keep_lines(self.dir / "rounds.jsonl", resume_round)
+            _keep_lines(self.dir / "ledger.jsonl", resume_round)
+            self.rows = read_rounds(self.dir)
+        mode = "a" if resume_round is not None else "w"
+        self._rounds = open(self.dir / "rounds.jsonl", mode)
+        self._ledger = open(self.dir / "ledger.jsonl", mode)
         self.started = time.perf_counter()
 
     def ledger(self, rows: list[dict]) -> None:
@@ -50,13 +58,14 @@ class Recorder:
 
     def finish(self, summary: dict, plots: bool = True) -> dict:
         self.close()
-        best = max(self.rows, key=lambda r: r["accuracy"])
-        final = self.rows[-1]
+        evaluated = evaluated_rows(self.rows)
+        best = max(evaluated, key=lambda r: r["accuracy"])
+        final, last = evaluated[-1], self.rows[-1]
         summary = {
             "final_accuracy": final["accuracy"], "final_loss": final["loss"],
             "final_macro_f1": final["macro_f1"], "best_accuracy": best["accuracy"],
-            "best_round": best["round"], "rounds": final["round"],
-            "total_bytes": final["cumulative_bytes"],
+            "best_round": best["round"], "rounds": last["round"],
+            "total_bytes": last["cumulative_bytes"],
             "total_upload_bytes": sum(r["upload_bytes"] for r in self.rows),
             "total_download_bytes": sum(r["download_bytes"] for r in self.rows),
             "wall_seconds": time.perf_counter() - self.started,
@@ -66,6 +75,22 @@ class Recorder:
         if plots:
             plot_runs([self.dir], self.dir / "plots")
         return summary
+
+
+def _keep_lines(path: Path, last_round: int) -> None:
+    """Rewrite a JSON-lines file keeping the rows of rounds up to `last_round` (atomically)."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = [x for x in lines if x.strip() and _complete_round(x, last_round)]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _complete_round(line: str, last_round: int) -> bool:
+    try:
+        return json.loads(line)["round"] <= last_round
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
+        return False
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -91,6 +116,11 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
     """The rows of a run's `rounds.jsonl`."""
     text = (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def evaluated_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rounds that were evaluated (see `federation.eval_every`)."""
+    return [r for r in rows if r["accuracy"] is not None]
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -136,6 +166,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
                                  "accuracy_vs_mb.png")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         for label, rows in runs:
+            rows = evaluated_rows(rows)
             xs = [r[xkey] / (1e6 if xkey == "cumulative_bytes" else 1) for r in rows]
             ax.plot(xs, [r["accuracy"] for r in rows], marker="o", markersize=3, label=label)
         ax.set_xlabel(xlabel)

@@ -62,7 +62,7 @@ def train(message: Message, context: Context) -> Message:
         seconds = time.perf_counter() - start
         if rt.local_only:
             context.state[STATE_LOCAL] = wire.to_record(rt.snapshot(rt.local_only))
-        trained = wire.to_record(rt.snapshot(names))
+        trained = wire.to_record(rt.snapshot(names), rt.cfg.federation.precision)
     reply = RecordDict({
         "arrays": trained,
         "metrics": MetricRecord({"num-examples": examples, "train_loss": loss,

@@ -18,14 +18,15 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from flwr.app import Context, Error, Message, RecordDict
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from tqdm.auto import tqdm
 
 from fedtt.config import RunConfig, to_toml
-from fedtt.federated import server_app
+from fedtt.federated import server_app, wire
 from fedtt.federated.client_app import app as default_client_app
 from fedtt.federated.runtime import CONFIG_KEY
 
@@ -54,6 +55,17 @@ class InProcessGrid(Grid):
         # give each its own malloc arena, and memory would grow by the activations of one
         # training step per call).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client")
+
+    def client_states(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+        """Every simulated client's stored tensors (for checkpoints)."""
+        return {node: {key: wire.from_record(record) for key, record in ctx.state.items()
+                       if isinstance(record, ArrayRecord)}
+                for node, ctx in self.contexts.items()}
+
+    def load_client_states(self, states: dict[int, dict[str, dict[str, torch.Tensor]]]) -> None:
+        for node, records in states.items():
+            for key, tensors in records.items():
+                self.contexts[node].state[key] = wire.to_record(tensors)
 
     def set_run(self, run) -> None:
         self._run = run
@@ -133,11 +145,12 @@ def act_as_server() -> None:
 
 
 def run_inprocess(cfg: RunConfig, *, quiet: bool = False, verbose: bool = False,
-                  client_app: ClientApp | None = None) -> dict:
-    """Run a whole federation in this process; returns the run summary."""
+                  client_app: ClientApp | None = None, resume: bool = False) -> dict:
+    """Run a whole federation in this process (or, with `resume`, continue the one whose
+    checkpoint is in `cfg.output.dir`); returns the run summary."""
     act_as_server()
     show = not quiet and sys.stderr.isatty()
-    run_config = {CONFIG_KEY: to_toml(cfg), "fedtt-progress": show}
+    run_config = {CONFIG_KEY: to_toml(cfg), "fedtt-progress": show, "fedtt-resume": resume}
     grid = InProcessGrid(client_app or default_client_app, run_config,
                          cfg.federation.num_clients, progress=show)
     context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},

@@ -56,7 +56,8 @@ def load_task_data(cfg: RunConfig) -> fdata.TaskData:
                                 seed=seed)
 
 
-def _sample(ds, limit: int, seed: int):
+def sample_rows(ds, limit: int, seed: int):
+    """At most `limit` rows of `ds` (a seeded sample; 0 = all): the rows a run uses."""
     if limit and len(ds) > limit:
         return ds.shuffle(seed=seed).select(range(limit))
     return ds
@@ -73,8 +74,8 @@ class Runtime:
         task = load_task_data(cfg)
         self.label_names = task.label_names
         self.num_labels = task.num_labels
-        train = _sample(task.train, cfg.data.max_train_examples, seed)
-        test = _sample(task.test, cfg.data.max_test_examples, seed)
+        train = sample_rows(task.train, cfg.data.max_train_examples, seed)
+        test = sample_rows(task.test, cfg.data.max_test_examples, seed)
         parts = fdata.partition(train.add_column("row", list(range(len(train)))),
                                 cfg.federation.num_clients, scheme=cfg.data.partition,
                                 alpha=cfg.data.alpha,

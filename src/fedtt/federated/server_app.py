@@ -12,13 +12,13 @@ import sys
 import time
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedtt import config as fconfig
-from fedtt.federated import wire
+from fedtt.federated import checkpoint
 from fedtt.federated.runtime import get_runtime
 from fedtt.federated.strategy import FedTTStrategy, RoundFailed, Safeguards
 from fedtt.results import Recorder, write_json
@@ -51,16 +51,21 @@ def poll_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | No
 
 
 def run(grid: Grid, context: Context) -> dict:
-    """Run every round; write the run directory; return the summary."""
-    from fedtt.federated.inprocess import InProcessGrid
+    """Run every round (or, with run config `fedtt-resume`, those after the checkpoint in
+    the output directory); write the run directory; return the summary."""
+    from fedtt.federated.inprocess import InProcessGrid  # (it imports this module)
 
     if not isinstance(grid, InProcessGrid):  # in-process replies arrive on the first pull
         grid.send_and_receive = functools.partial(poll_replies, grid)
     rt = get_runtime(context.run_config)
     cfg = rt.cfg
+    in_process = isinstance(grid, InProcessGrid)
+    resumed = checkpoint.load(cfg.output.dir) if context.run_config.get("fedtt-resume") else None
     progress = tqdm(total=cfg.federation.rounds, desc=f"{rt.method.name} rounds",
+                    initial=resumed["round"] if resumed else 0,
                     disable=not context.run_config.get("fedtt-progress", False), file=sys.stderr)
-    recorder = Recorder(cfg.output.dir, fconfig.to_toml(cfg))
+    recorder = Recorder(cfg.output.dir, fconfig.to_toml(cfg),
+                        resume_round=resumed["round"] if resumed else None)
     write_json(recorder.dir / "label_counts.json",
                {"label_names": rt.label_names, "counts": rt.label_counts})
     initial = {n: rt.initial[n] for n in rt.sent}
@@ -71,14 +76,24 @@ def run(grid: Grid, context: Context) -> dict:
         ledger=recorder.ledger, guard=Safeguards(
             min_replies=cfg.federation.min_replies, round_retries=cfg.federation.round_retries,
             timeout=cfg.federation.timeout, max_update_norm=cfg.federation.max_update_norm,
-            max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data)))
-    state = {"cumulative": 0, "last": time.perf_counter()}
+            max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data)),
+        precision=cfg.federation.precision)
+    if resumed:
+        strategy.load_state(resumed["strategy"], clients_kept_state=in_process)
+        if in_process:
+            grid.load_client_states(resumed["clients"])
+    state = {"cumulative": recorder.rows[-1]["cumulative_bytes"] if recorder.rows else 0,
+             "last": time.perf_counter()}
 
-    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+    def evaluate_fn(server_round: int) -> None:
         eval_start = time.perf_counter()
-        with rt.lock:
-            rt.load({**rt.initial, **wire.from_record(arrays)})
-            metrics = rt.evaluate_global()
+        due = (server_round % cfg.federation.eval_every == 0
+               or server_round == cfg.federation.rounds)
+        metrics: dict = dict.fromkeys(("accuracy", "loss", "macro_f1"))
+        if due:
+            with rt.lock:
+                rt.load({**rt.initial, **strategy.global_state})  # the float32 master
+                metrics = rt.evaluate_global()
         eval_seconds = time.perf_counter() - eval_start
         stats = strategy.stats.get(server_round, {})
         up, down = stats.get("upload_bytes", 0), stats.get("download_bytes", 0)
@@ -103,15 +118,19 @@ def run(grid: Grid, context: Context) -> dict:
         state["last"] = now
         if server_round > 0:
             progress.update(1)
-            progress.set_postfix(acc=f"{metrics['accuracy']:.3f}",
-                                 MB=f"{state['cumulative'] / 1e6:.2f}")
-        return MetricRecord({k: v for k, v in metrics.items()})
+            if due:
+                progress.set_postfix(acc=f"{metrics['accuracy']:.3f}",
+                                     MB=f"{state['cumulative'] / 1e6:.2f}")
+
+    def after_round(server_round: int) -> None:
+        checkpoint.save(recorder.dir, server_round, strategy.state(),
+                        grid.client_states() if in_process else {})
 
     stopped = None
     try:
-        strategy.start(grid=grid, initial_arrays=strategy.global_record(),
-                       num_rounds=cfg.federation.rounds, timeout=cfg.federation.timeout,
-                       evaluate_fn=evaluate_fn)
+        strategy.run_rounds(grid, first_round=resumed["round"] + 1 if resumed else 0,
+                            num_rounds=cfg.federation.rounds, timeout=cfg.federation.timeout,
+                            evaluate_fn=evaluate_fn, after_round=after_round)
     except RoundFailed as exc:
         stopped = exc
     finally:
@@ -132,6 +151,8 @@ def run(grid: Grid, context: Context) -> dict:
         "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
         "trainable_params": trainable, "seed": cfg.training.seed,
         "travelling_params": sum(rt.params[n].numel() for n in rt.sent),
+        "precision": cfg.federation.precision,
+        "resumed_from_round": resumed["round"] if resumed else None,
     }, plots=cfg.output.plots)
     if stopped:
         raise stopped

@@ -47,7 +47,8 @@ class FedTTStrategy(FedAvg):
 
     def __init__(self, method: Method, initial: dict[str, torch.Tensor], *, stateful: bool,
                  num_clients: int, clients_per_round: int, seed: int, client_eval: bool,
-                 ledger: LedgerSink, guard: Safeguards, wait_seconds: float = 600.0) -> None:
+                 ledger: LedgerSink, guard: Safeguards, wait_seconds: float = 600.0,
+                 precision: str = "float32") -> None:
         super().__init__(min_available_nodes=num_clients)
         self.client_eval = client_eval
         self.guard = guard
@@ -55,6 +56,7 @@ class FedTTStrategy(FedAvg):
         self._grid: Grid | None = None
         self._config = ConfigRecord()
         self.method = method
+        self.precision = precision
         self.sent = list(initial)
         self.global_state = {n: t.detach().clone() for n, t in initial.items()}
         self.version = dict.fromkeys(self.sent, 0)
@@ -74,7 +76,7 @@ class FedTTStrategy(FedAvg):
     # --- helpers ---------------------------------------------------------------------------
     def _array(self, name: str) -> Array:
         if name not in self._arrays:
-            self._arrays[name] = wire.to_array(self.global_state[name])
+            self._arrays[name] = wire.to_array(self.global_state[name], self.precision)
         return self._arrays[name]
 
     def global_record(self) -> ArrayRecord:
@@ -93,14 +95,22 @@ class FedTTStrategy(FedAvg):
         held = self.held.get(node) if self.stateful else None
         names = [n for n in self.sent if held is None or self.version[n] > held]
         chosen = set(names)
-        rows = [_row(server_round, "down", kind, n, self.global_state[n], n in chosen)
-                for n in self.sent]
+        rows = [self._row(server_round, "down", kind, n, n in chosen) for n in self.sent]
         self.pending.setdefault(node, []).extend(rows)
         if self.stateful:
             self._will_hold[node] = server_round - 1 if kind == "train" else server_round
         stats = self.stats.setdefault(server_round, _empty_stats())
         stats["download_bytes"] += sum(r["bytes"] for r in rows)
         return ArrayRecord(array_dict={n: self._array(n) for n in names})
+
+    def _row(self, server_round: int, direction: str, kind: str, name: str, sent: bool,
+             client: int | None = None) -> dict:
+        """A ledger row: the tensor's bytes at the wire precision, 0 if not sent."""
+        tensor = self.global_state[name]
+        return {"round": server_round, "client": client, "direction": direction, "kind": kind,
+                "name": name, "shape": list(tensor.shape), "dtype": self.precision,
+                "bytes": tensor.numel() * wire.itemsize(self.precision) if sent else 0,
+                "sent": sent}
 
     def _delivered(self, node: int) -> None:
         """A valid reply proves the node got its payload: it now holds that version."""
@@ -113,6 +123,46 @@ class FedTTStrategy(FedAvg):
             r["client"] = client
         if rows:
             self.ledger(rows)
+
+    # --- resumable state -------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a resumed run needs to continue exactly (see `checkpoint.py`)."""
+        return {"global": {n: t.clone() for n, t in self.global_state.items()},
+                "version": dict(self.version), "held": dict(self.held),
+                "node_client": dict(self.node_client), "rng": self.rng.getstate(),
+                "method": self.method.state()}
+
+    def load_state(self, state: dict, *, clients_kept_state: bool) -> None:
+        """Restore `state()`; without the clients' own state, resend everything once."""
+        self.global_state = {n: state["global"][n].clone() for n in self.sent}  # (its order)
+        self.version = dict(state["version"])
+        self.held = dict(state["held"]) if clients_kept_state else {}
+        self.node_client = dict(state["node_client"])
+        self.rng.setstate(state["rng"])
+        self.method.load_state(state["method"])
+        self._arrays.clear()
+
+    def run_rounds(self, grid: Grid, *, first_round: int, num_rounds: int, timeout: float,
+                   evaluate_fn: Callable[[int], None],
+                   after_round: Callable[[int], None]) -> None:
+        """Flower's `Strategy.start` loop, hook for hook, from `first_round` (0: evaluate the
+        initial model first; a resumed run starts past its checkpoint), with `after_round`
+        called once a round is recorded."""
+        for server_round in range(first_round, num_rounds + 1):
+            if server_round == 0:
+                evaluate_fn(0)
+                after_round(0)
+                continue
+            replies = grid.send_and_receive(
+                self.configure_train(server_round, self.global_record(), ConfigRecord(), grid),
+                timeout=timeout)
+            self.aggregate_train(server_round, replies)
+            replies = grid.send_and_receive(
+                self.configure_evaluate(server_round, self.global_record(), ConfigRecord(),
+                                        grid), timeout=timeout)
+            self.aggregate_evaluate(server_round, replies)
+            evaluate_fn(server_round)
+            after_round(server_round)
 
     # --- Flower hooks ----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -183,7 +233,7 @@ class FedTTStrategy(FedAvg):
         stats = self.stats[server_round]
         rules = ReplyRules(expected={n: self.global_state[n] for n in self.round_train},
                            num_partitions=self.num_clients, max_examples=self.guard.max_examples,
-                           max_abs_value=self.guard.max_abs_value)
+                           max_abs_value=self.guard.max_abs_value, precision=self.precision)
         accepted, answered = [], set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -209,9 +259,10 @@ class FedTTStrategy(FedAvg):
             if self.guard.max_update_norm > 0:
                 tensors, norm = clip_update(tensors, rules.expected, self.guard.max_update_norm)
                 stats.setdefault("update_norms", {})[str(client)] = norm
-            self.ledger([_row(server_round, "up", "train", n, self.global_state[n],
-                              n in tensors, client) for n in self.sent])
-            stats["upload_bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
+            self.ledger([self._row(server_round, "up", "train", n, n in tensors, client)
+                         for n in self.sent])
+            stats["upload_bytes"] += sum(t.numel() for t in tensors.values()) * wire.itemsize(
+                self.precision)
             stats["upload_wire_bytes"] += msg.content["arrays"].count_bytes()
             stats["clients"].append(client)
             accepted.append(Accepted(node, client, tensors, examples, metrics))
@@ -312,8 +363,4 @@ def _empty_stats() -> dict:
             "failed": [], "rejected": [], "started": time.perf_counter()}
 
 
-def _row(server_round: int, direction: str, kind: str, name: str, tensor: torch.Tensor,
-         sent: bool, client: int | None = None) -> dict:
-    return {"round": server_round, "client": client, "direction": direction, "kind": kind,
-            "name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).split(".")[-1],
-            "bytes": tensor.numel() * tensor.element_size() if sent else 0, "sent": sent}
+

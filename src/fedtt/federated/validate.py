@@ -35,6 +35,7 @@ class ReplyRules:
     num_partitions: int
     max_examples: int
     max_abs_value: float
+    precision: str = "float32"  # dtype on the wire; decoded tensors come back as `expected`'s
 
 
 def check_train_reply(content: RecordDict, rules: ReplyRules
@@ -49,7 +50,8 @@ def check_train_reply(content: RecordDict, rules: ReplyRules
     extra = [n for n in names if n not in rules.expected]
     if missing or extra:
         raise Rejected(f"wrong tensors: missing {_few(missing)}, unexpected {_few(extra)}")
-    tensors = {name: _tensor(name, arrays[name], ref) for name, ref in rules.expected.items()}
+    tensors = {name: _tensor(name, arrays[name], ref, rules.precision)
+               for name, ref in rules.expected.items()}
     _check_values(tensors, rules.max_abs_value)
     others = {}
     for key, value in metrics.items():
@@ -80,19 +82,19 @@ def _integer(metrics: MetricRecord, key: str, low: int, high: int) -> int:
     return int(value)
 
 
-def _tensor(name: str, array, ref: torch.Tensor) -> torch.Tensor:
-    want_dtype = str(ref.dtype).removeprefix("torch.")
-    if array.dtype != want_dtype:
-        raise Rejected(f"{name}: dtype {array.dtype}, expected {want_dtype}")
+def _tensor(name: str, array, ref: torch.Tensor, precision: str) -> torch.Tensor:
+    if array.dtype != precision:
+        raise Rejected(f"{name}: dtype {array.dtype}, expected {precision}")
     if tuple(array.shape) != tuple(ref.shape):
         raise Rejected(f"{name}: shape {tuple(array.shape)}, expected {tuple(ref.shape)}")
-    budget = ref.numel() * ref.element_size() + NPY_HEADER_ALLOWANCE
+    budget = ref.numel() * wire.itemsize(precision) + NPY_HEADER_ALLOWANCE
     if len(array.data) > budget:
         raise Rejected(f"{name}: {len(array.data)} bytes, more than the {budget} allowed")
     try:
-        return wire.from_array(array)  # truncated, corrupt, pickled, lying: refused
+        value = wire.from_array(array)  # truncated, corrupt, pickled, lying: refused
     except ValueError as exc:
         raise Rejected(f"{name}: {exc}") from None
+    return value.to(ref.dtype)  # the server's master copy stays in its own precision
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor], max_abs: float) -> None:

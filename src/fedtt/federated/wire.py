@@ -6,7 +6,8 @@ costs more than the tensors. Here the header for a (dtype, shape) is built once 
 encoding is header + raw bytes, and decoding checks that the bytes start with exactly that
 header before viewing the rest. Anything else (another numpy's header layout, a lie about the
 dtype) falls back to `np.load(..., allow_pickle=False)` and a check of what it produced. The
-format is plain .npy either way, so any Flower peer reads and writes it.
+format is plain .npy either way, so any Flower peer reads and writes it (bfloat16, which
+numpy lacks, travels as its uint16 bits).
 """
 
 from __future__ import annotations
@@ -23,33 +24,53 @@ from flwr.app import Array, ArrayRecord
 NUMPY_STYPE = "numpy.ndarray"
 
 
+# Payload precisions (`federation.precision`). numpy has no bfloat16: its bits travel as a
+# uint16 .npy under the Array dtype name "bfloat16" and are viewed back on arrival.
+PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STORED_AS = {"bfloat16": "uint16"}
+
+
+def itemsize(precision: str) -> int:
+    """Bytes per value on the wire."""
+    return PRECISIONS[precision].itemsize
+
+
 @lru_cache(maxsize=4096)
 def _header(dtype: str, shape: tuple[int, ...]) -> bytes:
     """The exact header `np.save` writes for this dtype and shape (no array is allocated)."""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {
-        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+        "descr": np.lib.format.dtype_to_descr(_dtype(dtype)), "fortran_order": False,
         "shape": shape})
     return buf.getvalue()
 
 
 @lru_cache(maxsize=64)
 def _dtype(name: str) -> np.dtype:
+    """The numpy dtype that holds an Array of dtype `name` (bfloat16: its uint16 bits)."""
     try:
-        return np.dtype(name)
+        return np.dtype(_STORED_AS.get(name, name))
     except TypeError as exc:
         raise ValueError(f"unknown dtype {name!r}") from exc
 
 
-def to_array(tensor: torch.Tensor) -> Array:
-    values = tensor.detach().cpu().contiguous().numpy()
-    dtype, shape = values.dtype.name, tuple(values.shape)
+def to_array(tensor: torch.Tensor, precision: str | None = None) -> Array:
+    """Encode a tensor, cast to `precision` (a PRECISIONS name) when given."""
+    tensor = tensor.detach().cpu()
+    if precision is not None:
+        tensor = tensor.to(PRECISIONS[precision])
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype in _STORED_AS:
+        tensor = tensor.view(torch.int16)
+    values = tensor.contiguous().numpy()
+    shape = tuple(values.shape)
     return Array(dtype=dtype, shape=shape, stype=NUMPY_STYPE,
                  data=_header(dtype, shape) + values.tobytes())
 
 
-def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord(array_dict={n: to_array(t) for n, t in tensors.items()})
+def to_record(tensors: Mapping[str, torch.Tensor],
+              precision: str | None = None) -> ArrayRecord:
+    return ArrayRecord(array_dict={n: to_array(t, precision) for n, t in tensors.items()})
 
 
 def from_array(array: Array) -> torch.Tensor:
@@ -75,7 +96,8 @@ def from_array(array: Array) -> torch.Tensor:
         if values.dtype != dtype or tuple(values.shape) != shape:
             raise ValueError(f"bytes hold {values.dtype} {tuple(values.shape)}, the header "
                              f"announced {dtype} {shape}")
-    return torch.from_numpy(values.copy())
+    tensor = torch.from_numpy(values.copy())
+    return tensor.view(torch.bfloat16) if str(array.dtype) == "bfloat16" else tensor
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -68,6 +68,13 @@ class Method:
         """New global values for the tensors in the replies, plus metrics to log."""
         return fedavg(replies), {}
 
+    def state(self) -> dict:
+        """Server-side state that a resumed run needs (plain containers; none by default)."""
+        return {}
+
+    def load_state(self, state: Mapping) -> None:
+        """Restore what `state` returned."""
+
 
 def fedavg(replies: Replies) -> dict[str, torch.Tensor]:
     """Example-weighted average of every tensor the replies carry (all must carry the same)."""

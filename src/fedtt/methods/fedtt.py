@@ -123,6 +123,10 @@ class FreezePolicy:
     def state(self) -> dict:
         return {"last_trained": dict(self.last_trained), "rel_update": dict(self.rel_update)}
 
+    def load_state(self, state: Mapping) -> None:
+        self.last_trained = dict(state["last_trained"])
+        self.rel_update = dict(state["rel_update"])
+
 
 class FedTTPlus(FedTT):
     """FedTT with most cores frozen each round by a server-side `FreezePolicy`."""
@@ -147,3 +151,9 @@ class FedTTPlus(FedTT):
         new, metrics = super().aggregate(server_round, current, replies)
         self.policy.observe(server_round, current, new)
         return new, metrics
+
+    def state(self) -> dict:
+        return {"policy": self.policy.state()}
+
+    def load_state(self, state: Mapping) -> None:
+        self.policy.load_state(state["policy"])

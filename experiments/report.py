@@ -1,0 +1,222 @@
+"""Write docs/results.md and its plots from results/*.json (called by experiments/run.py).
+
+Every figure in the document is computed here from the result files; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+SPLITS = (("iid", "IID"), ("a1.0", "Dirichlet α=1.0"), ("a0.1", "Dirichlet α=0.1"))
+METHODS = ("fedtt", "fedtt+", "lora", "ffa-lora")
+KINDS = ("TT cores", "adapter biases", "norms", "LoRA factors", "head")
+
+
+def load_results(results: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(results.rglob("*.json")):
+        data = json.loads(path.read_text())
+        if "runs" in data and "name" in data:
+            out[data["name"]] = data
+    return out
+
+
+def acc(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    n = len(r["seeds"])
+    return (f"{100 * r['final_accuracy_mean']:.1f} ± {100 * r['final_accuracy_std']:.1f}"
+            + ("" if n == 3 else f" (n={n})"))
+
+
+def kb(x: float) -> str:
+    return f"{x / 1e3:,.1f}"
+
+
+def mean_curve(r: dict) -> tuple[list[float], list[float]]:
+    """Accuracy vs cumulative MB, averaged over seeds at each evaluated round."""
+    rounds = sorted({row["round"] for run in r["runs"] for row in run["rounds"]
+                     if row["accuracy"] is not None})
+    xs, ys = [], []
+    for rnd in rounds:
+        rows = [row for run in r["runs"] for row in run["rounds"]
+                if row["round"] == rnd and row["accuracy"] is not None]
+        xs.append(statistics.mean(row["cumulative_bytes"] for row in rows) / 1e6)
+        ys.append(statistics.mean(row["accuracy"] for row in rows))
+    return xs, ys
+
+
+def plot(panels: list[tuple[str, list[tuple[str, dict]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110,
+                             squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, r in lines:
+            xs, ys = mean_curve(r)
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("cumulative MB sent (up + down, all clients)", fontsize=8)
+        ax.set_ylabel("test accuracy (mean over seeds)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cross_silo(res: dict[str, dict], img: Path) -> tuple[list[str], dict]:
+    lines, goals = [], {}
+    tasks = sorted({n.split("/")[1].rsplit("-", 2)[0] for n in res if n.startswith("cross-silo/")})
+    for task in tasks:
+        def get(method: str, split: str, task: str = task) -> dict | None:
+            return res.get(f"cross-silo/{task}-{method.replace('+', 'plus')}-{split}")
+
+        lines += [f"### {task}", "",
+                  "Final test accuracy (%), mean ± std over seeds; upload per client per round "
+                  "and total bytes of the IID run.", "",
+                  "| method | " + " | ".join(t for _, t in SPLITS)
+                  + " | upload KB / client / round | total MB |",
+                  "|---|" + "---|" * len(SPLITS) + "---|---|"]
+        for m in METHODS:
+            base = get(m, "iid")
+            if base is None:
+                continue
+            cells = [acc(get(m, s)) for s, _ in SPLITS]
+            lines.append(f"| {m} (lr {base['lr']:g}) | " + " | ".join(cells)
+                         + f" | {kb(base['upload_bytes_per_client_round'])}"
+                         f" | {base['total_bytes_mean'] / 1e6:.2f} |")
+        lines.append("")
+        panels = [(f"{task}, {title}", [(m, get(m, s)) for m in METHODS if get(m, s)])
+                  for s, title in SPLITS]
+        panels = [p for p in panels if p[1]]
+        if panels:
+            plot(panels, img / f"cross-silo-{task}.png")
+            lines += [f"![accuracy vs MB, {task}](img/cross-silo-{task}.png)", ""]
+        goals[task] = {m: {s: get(m, s) for s, _ in SPLITS} for m in METHODS}
+    return lines, goals
+
+
+def breakdown(res: dict[str, dict]) -> list[str]:
+    rows = []
+    for m in METHODS:
+        r = res.get(f"cross-silo/movie-reviews-{m.replace('+', 'plus')}-iid")
+        if r is None:
+            continue
+        b = r["runs"][0]["upload_breakdown"]
+        rows.append(f"| {m} | " + " | ".join(kb(b.get(k, 0)) for k in KINDS)
+                    + f" | {kb(sum(b.values()))} |")
+    if not rows:
+        return []
+    return ["### What the uploaded bytes are", "",
+            "Upload of one client in round 1 (movie-reviews, IID run), KB, by kind of tensor.", "",
+            "| method | " + " | ".join(KINDS) + " | total |", "|---|" + "---|" * (len(KINDS) + 1),
+            *rows, ""]
+
+
+def goal_lines(goals: dict) -> list[str]:
+    out = ["## The goals, checked", ""]
+    for task, g in goals.items():
+        tt, plus, lora = (g[m]["iid"] for m in ("fedtt", "fedtt+", "lora"))
+        if not (tt and lora):
+            continue
+        ratio = lora["upload_bytes_per_client_round"] / tt["upload_bytes_per_client_round"]
+        diff = 100 * (tt["final_accuracy_mean"] - lora["final_accuracy_mean"])
+        out.append(f"**{task}**")
+        out.append(f"- FedTT uploads {ratio:.1f}x fewer bytes per client per round than LoRA: "
+                   f"goal ≥ 10x **{'met' if ratio >= 10 else 'not met'}**.")
+        out.append(f"- IID accuracy, FedTT minus LoRA: {diff:+.1f} points: goal within 1 point "
+                   f"(or better) **{'met' if diff >= -1 else 'not met'}**.")
+        if plus:
+            r2 = plus["upload_bytes_per_client_round"] / tt["upload_bytes_per_client_round"]
+            out.append(f"- FedTT+ uploads {r2:.2f}x FedTT's bytes: goal fewer "
+                       f"**{'met' if r2 < 1 else 'not met'}**.")
+        skew = {m: g[m]["a0.1"] for m in ("fedtt+", "fedtt", "lora")}
+        if all(skew.values()):
+            a = {m: 100 * r["final_accuracy_mean"] for m, r in skew.items()}
+            met = a["fedtt+"] >= a["fedtt"] and a["fedtt+"] >= a["lora"]
+            out.append(f"- α=0.1: FedTT+ {a['fedtt+']:.1f}, FedTT {a['fedtt']:.1f}, LoRA "
+                       f"{a['lora']:.1f}: goal FedTT+ ≥ both **{'met' if met else 'not met'}**"
+                       + ("" if met else f" (std over seeds: FedTT+ "
+                          f"{100 * skew['fedtt+']['final_accuracy_std']:.1f}, FedTT "
+                          f"{100 * skew['fedtt']['final_accuracy_std']:.1f}, LoRA "
+                          f"{100 * skew['lora']['final_accuracy_std']:.1f})") + ".")
+        out.append("")
+    return out
+
+
+def simple_group(res: dict[str, dict], group: str, img: Path) -> list[str]:
+    items = [r for n, r in sorted(res.items()) if n.startswith(group + "/")]
+    if not items:
+        return []
+    lines = ["| run | method | lr | final accuracy (%) | upload KB / client / round | total MB |",
+             "|---|---|---|---|---|---|"]
+    for r in items:
+        lines.append(f"| {r['name'].split('/')[1]} | {r['method']} | {r['lr']:g} | {acc(r)} | "
+                     f"{kb(r['upload_bytes_per_client_round'])} | "
+                     f"{r['total_bytes_mean'] / 1e6:.2f} |")
+    plot([(group, [(r["name"].split("/")[1], r) for r in items])], img / f"{group}.png")
+    return [*lines, "", f"![accuracy vs MB, {group}](img/{group}.png)", ""]
+
+
+def write_report(results: Path, doc: Path, img: Path) -> None:
+    res = load_results(results)
+    lines = ["# Results", "",
+             "Generated by `python experiments/run.py` from `results/*.json`: do not edit by "
+             "hand. Every run's config is a file under `experiments/`; every number below is "
+             "a final test accuracy after the configured rounds (mean ± std over seeds) or a "
+             "byte count from the run's ledger. The data are the built-in tasks (`fedtt data "
+             "list`); none of them is GLUE.", ""]
+    lines += _setup(results, res)
+    tuning = results / "lr-tuning.json"
+    if tuning.exists():
+        t = json.loads(tuning.read_text())
+        grid = [f"{lr:g}" for lr in t["grid"]]
+        lines += ["## Learning rates", "",
+                  f"Tuned per method on `{t['config']}` with seed {t['seed']} (not one of the "
+                  "reported seeds), on the grid below, by final accuracy on the test split: "
+                  "selection and report share the test split, as GLUE dev-set reporting does.",
+                  "", "| method | " + " | ".join(grid) + " | chosen |",
+                  "|---|" + "---|" * (len(grid) + 1)]
+        for m, accs in t["final_accuracy"].items():
+            lines.append(f"| {m} | " + " | ".join(
+                f"{100 * accs[g]:.1f}" if g in accs else "–" for g in grid)
+                + f" | {t['chosen'][m]:g} |")
+        lines.append("")
+    cs_lines, goals = cross_silo(res, img)
+    if cs_lines:
+        lines += ["## Cross-silo: MiniLM, 3 clients", "", *cs_lines, *breakdown(res)]
+        lines += goal_lines(goals)
+    for group, title in (("cross-device", "Cross-device: MiniLM, 100 clients, 10 per round"),
+                         ("decoder", "Decoder: SmolLM2-135M, 3 clients")):
+        body = simple_group(res, group, img)
+        if body:
+            lines += [f"## {title}", "", *body]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _setup(results: Path, res: dict[str, dict]) -> list[str]:
+    lines = ["## Set-up", ""]
+    any_run = next((r["runs"][0] for r in res.values()), None)
+    if any_run:
+        v = any_run["versions"]
+        lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+    sessions = results / "sessions.json"
+    if sessions.exists():
+        s = json.loads(sessions.read_text())["sessions"]
+        total = sum(x["elapsed_seconds"] for x in s)
+        lines.append(f"Wall time of the invocations that ran these results: {total / 3600:.2f} h "
+                     f"over {len(s)} invocation(s), {s[-1]['workers']} runs at a time on "
+                     f"{s[-1]['cpus']} CPUs (one thread each).")
+    runs = sum(len(r["runs"]) for r in res.values())
+    cpu = sum(run["summary"]["wall_seconds"] for r in res.values() for run in r["runs"])
+    lines += [f"Reported runs: {runs}; their summed run time: {cpu / 3600:.2f} h.", ""]
+    return lines

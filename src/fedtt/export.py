@@ -1,0 +1,152 @@
+"""Export a finished run's model, load it back, and predict with it.
+
+Two formats, both plain directories:
+- adapters (default): `adapters.safetensors` (every tensor the method added or trained, at its
+  final global value) and `fedtt_export.json` (backbone spec, seed, label names and the run's
+  config). `load_exported` rebuilds the frozen backbone from its spec and puts them back in.
+- merged (`--merge`, LoRA and FFA-LoRA only): an ordinary Hugging Face model directory with
+  B A folded into the weights and the trained head in place; any Hugging Face code loads it.
+  A TT adapter cannot be merged: it is a bottleneck `x + up(relu(down(x)))`, not a linear
+  change of a weight, so it is exported as adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedtt.adapters import ADAPTER_PREFIX
+from fedtt.config import RunConfig, apply, load_config, to_toml
+from fedtt.methods import make_method
+from fedtt.models import HashTokenizer, load_model, load_tokenizer
+
+MANIFEST = "fedtt_export.json"
+ADAPTERS = "adapters.safetensors"
+MERGEABLE = ("lora", "ffa-lora")
+
+
+def _run_model(run_dir: Path) -> tuple[RunConfig, list[str], nn.Module]:
+    """The run's model with its final global tensors loaded, its config and label names."""
+    for needed in ("config.toml", "global.safetensors", "label_counts.json"):
+        if not (run_dir / needed).exists():
+            raise FileNotFoundError(f"{run_dir} is not a finished fedtt run (no {needed})")
+    cfg = load_config(str(run_dir / "config.toml"), [])
+    if cfg.adapter.head == "keep-local":
+        raise ValueError("this run kept each client's head on the client (adapter.head = "
+                         "keep-local): there is no global model to export")
+    labels = json.loads((run_dir / "label_counts.json").read_text())["label_names"]
+    model = _build(cfg, len(labels))
+    _load(model, load_file(str(run_dir / "global.safetensors")))
+    return cfg, labels, model
+
+
+def _build(cfg: RunConfig, num_labels: int) -> nn.Module:
+    method = make_method(cfg.method, cfg.adapter)
+    seed = cfg.training.seed
+    return method.build(load_model(cfg.model.name, num_labels, seed=seed), seed=seed).eval()
+
+
+def _load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = [n for n in tensors if n not in params]
+    if unknown:
+        raise ValueError(f"tensors that this model lacks: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _added(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors the method added (trained or frozen, e.g. FFA-LoRA's A) or trained."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad or "lora_" in n or f".{ADAPTER_PREFIX}" in n
+            or n.startswith(ADAPTER_PREFIX)}
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> Path:
+    """Write the run's final model to `out` (see the module docstring); returns `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, labels, model = _run_model(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "merged" if merge else "adapters", "model": cfg.model.name,
+                "method": cfg.method.name, "seed": cfg.training.seed, "label_names": labels,
+                "max_length": cfg.model.max_length, "run": str(run_dir.resolve()),
+                "config": to_toml(cfg)}
+    if merge:
+        if cfg.method.name not in MERGEABLE:
+            raise ValueError(
+                f"{cfg.method.name} cannot be merged: a TT adapter is a bottleneck "
+                "x + up(relu(down(x))) inserted after a block, not a change of a weight "
+                "matrix, so no plain model computes the same function. Export without "
+                "--merge (adapters plus a loader: fedtt predict reads them).")
+        plain = model.merge_and_unload()
+        plain.config.id2label = dict(enumerate(labels))
+        plain.config.label2id = {name: i for i, name in enumerate(labels)}
+        plain.save_pretrained(out)
+        tok = load_tokenizer(cfg.model.name)
+        if isinstance(tok, HashTokenizer):
+            manifest["tokenizer"] = {"hash": tok.vocab_size}
+        else:
+            tok.save_pretrained(out)
+    else:
+        save_file(_added(model), str(out / ADAPTERS))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class Predictor:
+    """A loaded model with its tokenizer and label names."""
+
+    model: nn.Module
+    tokenizer: object
+    label_names: list[str]
+    max_length: int
+
+    @torch.no_grad()
+    def scores(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities, one row per text."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[start:start + batch_size]),
+                                 max_length=self.max_length, truncation=True,
+                                 padding="max_length", return_tensors="pt")
+            logits = self.model(input_ids=enc["input_ids"],
+                                attention_mask=enc["attention_mask"]).logits
+            out.append(logits.float().softmax(-1))
+        return torch.cat(out) if out else torch.zeros(0, len(self.label_names))
+
+    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+        """(label, probability) of the most likely class for each text."""
+        probs = self.scores(texts)
+        top = probs.argmax(-1)
+        return [(self.label_names[int(i)], float(probs[row, i])) for row, i in enumerate(top)]
+
+
+def load_exported(model_dir: str | Path) -> Predictor:
+    """A Predictor from a directory written by `export_run` (either format)."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} is not a fedtt export (no {MANIFEST})")
+    manifest = json.loads(path.read_text())
+    labels = manifest["label_names"]
+    if manifest["format"] == "merged":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        tok = (HashTokenizer(manifest["tokenizer"]["hash"]) if "tokenizer" in manifest
+               else AutoTokenizer.from_pretrained(model_dir))
+    else:
+        cfg = RunConfig()
+        apply(cfg, tomllib.loads(manifest["config"]))
+        model = _build(cfg, len(labels))
+        _load(model, load_file(str(model_dir / ADAPTERS)))
+        tok = load_tokenizer(manifest["model"])
+    return Predictor(model, tok, labels, int(manifest["max_length"]))

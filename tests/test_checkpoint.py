@@ -1,0 +1,131 @@
+"""Checkpoints and `fedtt run --resume`: a run killed at any point continues to the same
+rounds.jsonl, ledger and global tensors as a run that was never interrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_runtime import tiny
+
+from fedtt import results
+from fedtt.cli import main
+from fedtt.config import to_toml
+from fedtt.federated.inprocess import run_inprocess
+
+TIMING = ("seconds", "client_train_seconds", "aggregate_seconds", "eval_seconds")
+
+
+def comparable(run_dir):
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in results.read_rounds(run_dir)]
+    ledger = (Path(run_dir) / "ledger.jsonl").read_text().splitlines()
+    return rows, ledger, load_file(str(Path(run_dir) / "global.safetensors"))
+
+
+def assert_same_run(a, b):
+    rows_a, ledger_a, global_a = comparable(a)
+    rows_b, ledger_b, global_b = comparable(b)
+    assert rows_a == rows_b
+    assert ledger_a == ledger_b
+    assert global_a.keys() == global_b.keys()
+    assert all(torch.equal(global_a[n], global_b[n]) for n in global_a)
+
+
+CASES = {
+    "fedtt+ adaptive, keep-local head": {"method.name": "fedtt+", "method.policy": "adaptive",
+                                         "adapter.head": "keep-local"},
+    "lora cross-device": {"method.name": "lora", "federation.mode": "cross-device",
+                          "federation.num_clients": 8, "federation.clients_per_round": 3},
+    "fedtt bfloat16, eval every 2": {"federation.precision": "bfloat16",
+                                     "federation.eval_every": 2},
+}
+
+
+@pytest.mark.parametrize("crash_round", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch, case,
+                                                           crash_round):
+    sets = {**CASES[case], "federation.rounds": 5}
+    full = tiny(tmp_path, "full", **sets)
+    run_inprocess(full, quiet=True)
+
+    cut = tiny(tmp_path, "cut", **sets)
+    real_round = results.Recorder.round
+
+    def crash(self, row):
+        if row["round"] == crash_round:
+            raise KeyboardInterrupt  # dies while recording round `crash_round`
+        real_round(self, row)
+
+    monkeypatch.setattr(results.Recorder, "round", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(cut, quiet=True)
+    monkeypatch.setattr(results.Recorder, "round", real_round)
+    assert not (Path(cut.output.dir) / "summary.json").exists()
+
+    summary = run_inprocess(cut, quiet=True, resume=True)
+    assert summary["resumed_from_round"] == crash_round - 1
+    assert_same_run(full.output.dir, cut.output.dir)
+
+
+def test_killed_process_resumes_from_the_cli(tmp_path):
+    sets = {"method.name": "fedtt+", "federation.rounds": 12, "training.local_steps": 8}
+    full = tiny(tmp_path, "full", **sets)
+    run_inprocess(full, quiet=True)
+
+    cut = tiny(tmp_path, "cut", **sets)
+    config = tmp_path / "cut.toml"
+    config.write_text(to_toml(cut))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--config",
+                             str(config)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    rounds = Path(cut.output.dir) / "rounds.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if rounds.exists() and len(rounds.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(results.read_rounds(cut.output.dir))
+    assert 4 <= killed_at < 13
+
+    assert main(["run", "--quiet", "--resume", cut.output.dir]) == 0
+    assert_same_run(full.output.dir, cut.output.dir)
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+    cfg = tiny(tmp_path, "done", **{"federation.rounds": 1})
+    run_inprocess(cfg, quiet=True)
+    assert main(["run", "--resume", cfg.output.dir]) == 2
+    assert "finished already" in capsys.readouterr().err
+    assert main(["run", "--resume", cfg.output.dir, "--set", "federation.rounds=3"]) == 2
+    assert "leave out" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a fedtt run directory" in capsys.readouterr().err
+    (Path(cfg.output.dir) / "summary.json").unlink()
+    (Path(cfg.output.dir) / "checkpoint.safetensors").unlink()
+    assert main(["run", "--resume", cfg.output.dir]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_checkpoint_is_safetensors_with_json_state(tmp_path):
+    from safetensors import safe_open
+
+    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "method.policy": "adaptive",
+                            "federation.rounds": 2})
+    run_inprocess(cfg, quiet=True)
+    with safe_open(str(Path(cfg.output.dir) / "checkpoint.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["fedtt"])
+        names = list(f.keys())
+    assert meta["round"] == 2 and meta["method"]["policy"]["last_trained"]
+    assert {n.split("/", 1)[1] for n in names if n.startswith("global/")} == set(meta["version"])
+    assert any(n.startswith("client/") for n in names)  # cross-silo clients' stored tensors
