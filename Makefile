@@ -18,7 +18,7 @@ run: install
 	$(VENV)/bin/fedtt run
 
 test: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks experiments
 	$(PY) -m pytest -q
 
 .PHONY: install run test

@@ -56,7 +56,7 @@ def plot(panels: list[tuple[str, list[tuple[str, dict]]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110,
                              squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
+    for ax, (title, lines) in zip(axes[0], panels, strict=True):
         for label, r in lines:
             xs, ys = mean_curve(r)
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
@@ -166,6 +166,56 @@ def simple_group(res: dict[str, dict], group: str, img: Path) -> list[str]:
     return [*lines, "", f"![accuracy vs MB, {group}](img/{group}.png)", ""]
 
 
+def _clients(res: dict[str, dict]) -> list[str]:
+    rows = []
+    for name, r in sorted(res.items()):
+        if name.startswith("heterogeneity/"):
+            per = r["runs"][0]["client_upload_bytes"]
+            ranks = r["config"].get("federation", {}).get("client_ranks") or [
+                r["config"].get("adapter", {}).get("rank", 5)]
+            rows.append(f"| {name.split('/')[1]} | "
+                        + " | ".join(f"client {c} (rank {ranks[int(c) % len(ranks)]}): "
+                                     f"{kb(b)}" for c, b in per.items()) + " |")
+    return ["Upload per round of each client, KB (seed 0):", "", "| run | clients |",
+            "|---|---|", *rows, ""] if rows else []
+
+
+def _precision(res: dict[str, dict]) -> list[str]:
+    base = res.get("precision/movie-reviews-fedtt-float32")
+    if base is None:
+        return []
+    out = []
+    for p in ("bfloat16", "float16"):
+        r = res.get(f"precision/movie-reviews-fedtt-{p}")
+        if r is None:
+            continue
+        pairs = [(a["summary"]["final_accuracy"], b["summary"]["final_accuracy"])
+                 for a in base["runs"] for b in r["runs"] if a["seed"] == b["seed"]]
+        diffs = [100 * (b - a) for a, b in pairs]
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        out.append(f"- {p}: accuracy minus float32's, paired by seed: "
+                   f"{statistics.mean(diffs):+.1f} ± {spread:.1f} points over "
+                   f"{len(diffs)} seeds; bytes "
+                   f"{r['total_bytes_mean'] / base['total_bytes_mean']:.2f}x of float32's.")
+    return [*out, ""]
+
+
+def _ablation(res: dict[str, dict]) -> list[str]:
+    lora = res.get("cross-silo/movie-reviews-lora-iid")
+    if lora is None:
+        return []
+    out = []
+    for name, r in sorted(res.items()):
+        if name.startswith("ablation/") and "lean" in name:
+            ratio = lora["upload_bytes_per_client_round"] / r["upload_bytes_per_client_round"]
+            out.append(f"- {name.split('/')[1]}: uploads {ratio:.1f}x fewer bytes per client "
+                       "per round than LoRA (cross-silo movie-reviews IID).")
+    return [*out, ""]
+
+
+EXTRA = {"heterogeneity": _clients, "precision": _precision, "ablation": _ablation}
+
+
 def write_report(results: Path, doc: Path, img: Path) -> None:
     res = load_results(results)
     lines = ["# Results", "",
@@ -182,7 +232,8 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
         lines += ["## Learning rates", "",
                   f"Tuned per method on `{t['config']}` with seed {t['seed']} (not one of the "
                   "reported seeds), on the grid below, by final accuracy on the test split: "
-                  "selection and report share the test split, as GLUE dev-set reporting does.",
+                  "selection and report share the test split (the built-in tasks have no "
+                  "validation split).",
                   "", "| method | " + " | ".join(grid) + " | chosen |",
                   "|---|" + "---|" * (len(grid) + 1)]
         for m, accs in t["final_accuracy"].items():
@@ -195,10 +246,13 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
         lines += ["## Cross-silo: MiniLM, 3 clients", "", *cs_lines, *breakdown(res)]
         lines += goal_lines(goals)
     for group, title in (("cross-device", "Cross-device: MiniLM, 100 clients, 10 per round"),
-                         ("decoder", "Decoder: SmolLM2-135M, 3 clients")):
+                         ("decoder", "Decoder: SmolLM2-135M, 3 clients"),
+                         ("heterogeneity", "System heterogeneity: a TT rank per client"),
+                         ("precision", "Payload precision"),
+                         ("ablation", "Ablations: what the bytes are, and a longer budget")):
         body = simple_group(res, group, img)
         if body:
-            lines += [f"## {title}", "", *body]
+            lines += [f"## {title}", "", *body, *EXTRA.get(group, lambda r: [])(res)]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
 

@@ -36,8 +36,8 @@ LR_GRID = (2e-3, 5e-3, 1e-2)
 TUNE_SEED = 100
 TUNE_CONFIG = "cross-silo/movie-reviews-{method}-iid"
 SEEDS = (0, 1, 2)
-GROUP_ORDER = ("cross-silo", "cross-device", "decoder", "privacy", "heterogeneity",
-               "precision")
+GROUP_ORDER = ("cross-silo", "cross-device", "decoder", "heterogeneity", "precision",
+               "ablation")
 
 
 # --- configs and jobs ------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def tune(methods: list[str], workers: int) -> tuple[dict[str, float], list[str]]
                          [f"training.seed={TUNE_SEED}", f"training.lr={lr}"]))
     failed = run_jobs(jobs, workers)
     table: dict[str, dict[str, float]] = {}
-    for (name, out, _), method in zip(jobs, [m for m in methods for _ in LR_GRID]):
+    for (_, out, _), method in zip(jobs, [m for m in methods for _ in LR_GRID], strict=True):
         if finished(out):
             acc = json.loads((out / "summary.json").read_text())["final_accuracy"]
             table.setdefault(method, {})[out.parent.name.rsplit("-lr", 1)[1]] = acc
@@ -142,7 +142,8 @@ def collect(name: str, seeds: list[int], lr: float | None) -> dict | None:
                                               if k != "versions"},
                      "versions": summary.get("versions", {}),
                      "rounds": [{k: r.get(k) for k in keep} for r in rows],
-                     "upload_breakdown": _breakdown(out)})
+                     "upload_breakdown": _breakdown(out),
+                     "client_upload_bytes": _client_uploads(out)})
     if not runs:
         return None
     cfg = load(name)
@@ -184,6 +185,19 @@ def _breakdown(out: Path) -> dict[str, int]:
     return first
 
 
+def _client_uploads(out: Path) -> dict[str, float]:
+    """Mean upload bytes per round of each client (by partition id)."""
+    totals: dict[str, float] = {}
+    rounds: dict[str, set] = {}
+    for line in (out / "ledger.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["direction"] == "up" and row["client"] is not None:
+            key = str(row["client"])
+            totals[key] = totals.get(key, 0) + row["bytes"]
+            rounds.setdefault(key, set()).add(row["round"])
+    return {k: totals[k] / len(rounds[k]) for k in sorted(totals, key=int)}
+
+
 def _kind(name: str) -> str:
     if "lora_" in name:
         return "LoRA factors"
@@ -217,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             parser.error(f"no experiment config matches {args.only}")
         started = time.time()
-        untuned = sorted({load(n).get("method", {}).get("name", "fedtt") for n in names
+        # Tune for every method any config leaves untuned (finished runs are not redone),
+        # so that lr-tuning.json always covers them all.
+        untuned = sorted({load(n).get("method", {}).get("name", "fedtt") for n in configs([])
                           if "lr" not in load(n).get("training", {})})
         chosen, failed = tune(untuned, args.workers) if untuned else ({}, [])
         jobs = []
@@ -232,19 +248,27 @@ def main(argv: list[str] | None = None) -> int:
                     sets.append(f"training.lr={chosen[method]}")
                 jobs.append((name, run_dir(name, seed), sets))
         failed += run_jobs(jobs, args.workers)
-        for name in names:
-            method = load(name).get("method", {}).get("name", "fedtt")
-            tuned = None if "lr" in load(name).get("training", {}) else chosen.get(method)
-            collect(name, seeds, tuned)
         _log_session(started, len(jobs), args.workers, args.only)
         if failed:
             print("failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+    collect_all([int(s) for s in args.seeds.split(",")])
     sys.path.insert(0, str(EXPERIMENTS))
     from report import write_report
 
     write_report(RESULTS, DOC, IMG)
     print(f"wrote {DOC.relative_to(ROOT)}")
     return 0 if args.report or not failed else 1
+
+
+def collect_all(seeds: list[int]) -> None:
+    """results/<name>.json for every config with finished runs under runs/experiments."""
+    tuning = RESULTS / "lr-tuning.json"
+    chosen = json.loads(tuning.read_text())["chosen"] if tuning.exists() else {}
+    for name in configs([]):
+        cfg = load(name)
+        tuned = None if "lr" in cfg.get("training", {}) else chosen.get(
+            cfg.get("method", {}).get("name", "fedtt"))
+        collect(name, seeds, tuned)
 
 
 def _log_session(started: float, jobs: int, workers: int, only: list[str]) -> None:

@@ -44,6 +44,8 @@ CASES = {
                           "federation.num_clients": 8, "federation.clients_per_round": 3},
     "fedtt bfloat16, eval every 2": {"federation.precision": "bfloat16",
                                      "federation.eval_every": 2},
+    "fedtt mixed client ranks": {"adapter.rank": 6, "method.aggregation": "exact",
+                                 "federation.client_ranks": [2, 4, 6]},
 }
 
 

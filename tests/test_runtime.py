@@ -99,8 +99,8 @@ def test_fedtt_plus_frozen_cores_never_travel_and_stay_identical(tmp_path, monke
     seen = []  # (round, trained names, client's full travelling state after training)
     original = capp.Runtime.train_client
 
-    def spy(self, partition_id, server_round, names):
-        out = original(self, partition_id, server_round, names)
+    def spy(self, partition_id, server_round, names, rank=None):
+        out = original(self, partition_id, server_round, names, rank)
         seen.append((server_round, set(names), self.snapshot(self.sent)))
         return out
 

@@ -65,6 +65,11 @@ class FederationConfig:
     clients_per_round: int = field(default=0, metadata={
         "help": "cross-device: clients sampled per round (0 = 10% of num_clients)."})
     rounds: int = field(default=10, metadata={"help": "Communication rounds."})
+    client_ranks: list[int] = field(default_factory=list, metadata={
+        "help": "fedtt: each client's TT rank by partition id (cycled), e.g. [2, 5, 8]; a "
+                "SuperNode's node config 'tt-rank' overrides. The global adapter keeps "
+                "adapter.rank, aggregates exactly and each client gets its TT-SVD rounding. "
+                "Empty = every client at adapter.rank."})
     precision: str = field(default="float32", metadata={
         "help": "Tensors on the wire, both directions: float32, bfloat16 or float16 (each "
                 "side keeps its master copy in float32)."})
@@ -102,6 +107,38 @@ class TrainingConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Local DP-SGD on every client (off by default)."""
+
+    enabled: bool = field(default=False, metadata={"help": "Train every client with DP-SGD."})
+    epsilon: float = field(default=0.0, metadata={
+        "help": "Target epsilon per client for the whole planned run; the noise is computed "
+                "from it. Set this or noise_multiplier."})
+    noise_multiplier: float = field(default=0.0, metadata={
+        "help": "Noise std as a multiple of max_grad_norm (no budget: never stops)."})
+    delta: float = field(default=1e-5, metadata={"help": "Target delta."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Clip each per-sample gradient (all trained tensors together) to this norm."})
+    accountant: str = field(default="rdp", metadata={"help": "rdp or prv (Opacus)."})
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for an enabled config that cannot run."""
+        if not self.enabled:
+            return []
+        out = []
+        if (self.epsilon > 0) == (self.noise_multiplier > 0):
+            out.append(("privacy.epsilon", "and privacy.noise_multiplier: exactly one must be "
+                        "> 0 when privacy.enabled"))
+        if self.max_grad_norm <= 0:
+            out.append(("privacy.max_grad_norm", "must be > 0"))
+        if not 0 < self.delta < 1:
+            out.append(("privacy.delta", "must be in (0, 1)"))
+        if self.accountant not in ("rdp", "prv"):
+            out.append(("privacy.accountant", "must be rdp or prv"))
+        return out
+
+
+@dataclass
 class OutputConfig:
     """Where results go."""
 
@@ -117,6 +154,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
@@ -152,6 +190,22 @@ class RunConfig:
              "must be factor or exact"),
             ("method.lora_rank", self.method.lora_rank >= 1, "must be >= 1"),
         ]
+        ranks = self.federation.client_ranks
+        if ranks:
+            checks += [
+                ("federation.client_ranks", all(1 <= r <= self.adapter.rank for r in ranks),
+                 f"must lie between 1 and adapter.rank = {self.adapter.rank} (the global "
+                 "adapter's rank)"),
+                ("method.name", self.method.name == "fedtt",
+                 "must be fedtt when federation.client_ranks is set"),
+                ("method.aggregation", self.method.aggregation == "exact",
+                 "must be exact when federation.client_ranks is set (factors of different "
+                 "ranks cannot be averaged)"),
+            ]
+        checks += [(key, False, why) for key, why in self.privacy.problems()]
+        if self.privacy.enabled and ranks:
+            checks.append(("privacy.enabled", False, "cannot be combined with "
+                           "federation.client_ranks yet (masked ranks need masked noise)"))
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} {why}, got {_get(self, key)!r}")
@@ -180,9 +234,10 @@ def sections() -> dict[str, type]:
 def _coerce(key: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} must be a list of strings, got {value!r}")
-        return list(value)
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

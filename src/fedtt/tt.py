@@ -188,3 +188,16 @@ def pad_cores(cores: Sequence[torch.Tensor], rank: int) -> list[torch.Tensor]:
         padded[: c.shape[0], :, : c.shape[2]] = c
         out.append(padded)
     return out
+
+
+def round_cores(cores: Sequence[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    """TT rounding to `rank`: TT-SVD of the rebuilt tensor (adapter tensors are small), with
+    the cores padded to the full rank profile `tt_ranks(modes, rank)`."""
+    modes = [c.shape[1] for c in cores]
+    return pad_cores(tt_svd(tt_to_full(cores), modes, rank), rank)
+
+
+def slice_cores(cores: Sequence[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    """The leading rank-`rank` block of each core (the inverse of `pad_cores`)."""
+    ranks = tt_ranks([c.shape[1] for c in cores], rank)
+    return [c[: ranks[i], :, : ranks[i + 1]] for i, c in enumerate(cores)]

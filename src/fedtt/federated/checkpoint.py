@@ -31,6 +31,7 @@ def save(run_dir: str | Path, server_round: int, strategy: dict,
     meta = {"round": server_round, "version": strategy["version"],
             "held": strategy["held"], "node_client": strategy["node_client"],
             "rng": [version, list(state), gauss], "method": strategy["method"],
+            "client_rank": strategy["client_rank"], "epsilon": strategy["epsilon"],
             "clients": {str(node): list(records) for node, records in clients.items()}}
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".tmp")
@@ -54,6 +55,8 @@ def load(run_dir: str | Path) -> dict:
                 "held": {int(k): v for k, v in meta["held"].items()},
                 "node_client": {int(k): v for k, v in meta["node_client"].items()},
                 "rng": (meta["rng"][0], tuple(meta["rng"][1]), meta["rng"][2]),
+                "client_rank": {int(k): v for k, v in meta["client_rank"].items()},
+                "epsilon": {int(k): v for k, v in meta["epsilon"].items()},
                 "method": meta["method"]}
     for key, tensor in tensors.items():
         kind, rest = key.split("/", 1)

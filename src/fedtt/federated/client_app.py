@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import time
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtt import privacy
 from fedtt.federated import wire
 from fedtt.federated.runtime import Runtime, get_runtime
 
 STATE_GLOBAL = "fedtt.global"  # global tensors as last received (stateful clients)
 STATE_LOCAL = "fedtt.local"  # tensors that never leave the client (keep-local head)
+STATE_PRIVACY = "fedtt.privacy"  # DP-SGD steps this client has taken (its accounting)
 
 app = ClientApp()
 
@@ -49,34 +52,80 @@ def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def client_rank(rt: Runtime, context: Context) -> int | None:
+    """This client's TT rank: node config `tt-rank`, else federation.client_ranks by
+    partition id (cycled); None when it trains at the model's own rank."""
+    if "tt-rank" in context.node_config:
+        rank = int(context.node_config["tt-rank"])
+    elif rt.cfg.federation.client_ranks:
+        ranks = rt.cfg.federation.client_ranks
+        rank = ranks[_partition(context) % len(ranks)]
+    else:
+        return None
+    if not 1 <= rank <= rt.cfg.adapter.rank:
+        raise ValueError(f"tt-rank {rank} outside 1..adapter.rank = {rt.cfg.adapter.rank}")
+    return rank if rank < rt.cfg.adapter.rank and rt.tt_groups else None
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     rt = get_runtime(context.run_config)
     config = message.content["config"]
     names = list(config["train"])
     pid = _partition(context)
+    rank = client_rank(rt, context)
+    dp = _privacy_check(rt, context, pid) if rt.cfg.privacy.enabled else {}
     with rt.lock:
         _restore(rt, message, context)
+        if rank:
+            rt.fit_rank(rank)
         start = time.perf_counter()
-        loss, examples = rt.train_client(pid, int(config["server-round"]), names)
+        loss, examples = rt.train_client(pid, int(config["server-round"]), names, rank)
+        if dp:
+            context.state[STATE_PRIVACY] = wire.to_record({"steps": torch.tensor([dp["dp_steps"]])})
         seconds = time.perf_counter() - start
         if rt.local_only:
             context.state[STATE_LOCAL] = wire.to_record(rt.snapshot(rt.local_only))
-        trained = wire.to_record(rt.snapshot(names), rt.cfg.federation.precision)
-    reply = RecordDict({
-        "arrays": trained,
-        "metrics": MetricRecord({"num-examples": examples, "train_loss": loss,
-                                 "partition-id": pid, "train_seconds": seconds}),
-    })
+        trained = rt.snapshot(names)
+        trained = wire.to_record(rt.at_rank(trained, rank) if rank else trained,
+                                 rt.cfg.federation.precision)
+    metrics = {"num-examples": examples, "train_loss": loss, "partition-id": pid,
+               "train_seconds": seconds}
+    if rank:
+        metrics["tt-rank"] = rank
+    metrics.update(dp)
+    reply = RecordDict({"arrays": trained, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=message)
+
+
+def _privacy_check(rt: Runtime, context: Context, pid: int) -> dict:
+    """This round's accounting: the client's steps and epsilon once it has trained, or
+    BudgetSpent (the client refuses to train) if that would pass its target epsilon."""
+    p, t = rt.cfg.privacy, rt.cfg.training
+    rate, noise, _ = rt.privacy_plan(pid)
+    done = 0
+    if STATE_PRIVACY in context.state:
+        done = int(wire.from_record(context.state[STATE_PRIVACY])["steps"][0])
+    steps = done + t.local_steps
+    eps = privacy.epsilon(noise, rate, steps, p.delta, p.accountant)
+    if p.epsilon > 0 and eps > p.epsilon:
+        spent = privacy.epsilon(noise, rate, done, p.delta, p.accountant)
+        raise privacy.BudgetSpent(
+            f"client {pid} stops training: {t.local_steps} more DP-SGD steps would take its "
+            f"epsilon from {spent:.3f} to {eps:.3f}, past the target {p.epsilon:g} "
+            f"(delta {p.delta:g})")
+    return {"epsilon": eps, "noise_multiplier": noise, "sample_rate": rate, "dp_steps": steps}
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     rt = get_runtime(context.run_config)
     pid = _partition(context)
+    rank = client_rank(rt, context)
     with rt.lock:
         _restore(rt, message, context)
+        if rank:
+            rt.fit_rank(rank)
         metrics, examples = rt.evaluate_client(pid)
     reply = RecordDict({"metrics": MetricRecord({
         "num-examples": examples, "partition-id": pid,

@@ -8,6 +8,7 @@ and every simulated client: a client costs its adapter tensors, never a model co
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 
 from fedtt import data as fdata
+from fedtt import privacy, tt
 from fedtt.config import RunConfig, apply
-from fedtt.methods import make_method
+from fedtt.methods import core_groups, make_method
 from fedtt.models import load_model, load_tokenizer
 from fedtt.train import Encoded, encode, evaluate, train_local
 
@@ -103,6 +105,8 @@ class Runtime:
         self.sent = self.method.sent_names(self.model)
         self.local_only = [n for n in self.trainable if n not in set(self.sent)]
         self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+        self.tt_groups = core_groups(self.sent)  # TT layer -> its travelling cores
+        self._privacy: dict[int, tuple[float, float, int]] = {}
         # Whoever uses the shared model (a client's restore-train-snapshot, the server's
         # evaluation) holds this lock and loads a complete state first, so a client abandoned
         # after a timeout can never interleave with another.
@@ -110,10 +114,50 @@ class Runtime:
 
     # --- state swapping -------------------------------------------------------------------
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy tensors into the shared model (unknown names are an error)."""
+        """Copy tensors into the shared model (unknown names are an error). A TT core of a
+        lower rank than the model's fills the leading block; the rest becomes zero."""
         with torch.no_grad():
             for name, value in state.items():
-                self.params[name].copy_(value)
+                param = self.params[name]
+                if value.shape == param.shape:
+                    param.copy_(value)
+                else:
+                    param.zero_()
+                    param[tuple(slice(0, d) for d in value.shape)].copy_(value)
+
+    # --- per-client TT ranks (federation.client_ranks) ------------------------------------
+    def fit_rank(self, rank: int) -> None:
+        """Round every TT layer that exceeds `rank` to it (TT-SVD), kept zero-padded."""
+        full, masks = self.cfg.adapter.rank, self._rank_masks(rank)
+        with torch.no_grad():
+            for cores in self.tt_groups.values():
+                params = [self.params[c] for c in cores]
+                if not any(bool((p * (1 - masks[c])).any()) for c, p in zip(cores, params,
+                                                                             strict=True)):
+                    continue  # already of rank `rank` (a rounded payload)
+                rounded = tt.pad_cores(tt.round_cores(params, rank), full)
+                for p, value in zip(params, rounded, strict=True):
+                    p.copy_(value)
+
+    def at_rank(self, tensors: Mapping[str, torch.Tensor], rank: int
+                ) -> dict[str, torch.Tensor]:
+        """`tensors` with each TT layer's cores cut to their rank-`rank` block."""
+        out = dict(tensors)
+        for cores in self.tt_groups.values():
+            if all(c in out for c in cores):
+                sliced = tt.slice_cores([out[c] for c in cores], rank)
+                out.update({c: v.contiguous() for c, v in zip(cores, sliced, strict=True)})
+        return out
+
+    def _rank_masks(self, rank: int) -> dict[str, torch.Tensor]:
+        masks = {}
+        for cores in self.tt_groups.values():
+            ones = tt.slice_cores([torch.ones_like(self.params[c]) for c in cores], rank)
+            for c, block in zip(cores, ones, strict=True):
+                mask = torch.zeros_like(self.params[c])
+                mask[tuple(slice(0, d) for d in block.shape)] = 1.0
+                masks[c] = mask
+        return masks
 
     def snapshot(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: self.params[n].detach().clone() for n in names}
@@ -123,10 +167,27 @@ class Runtime:
         for n in self.trainable:
             self.params[n].requires_grad_(n in wanted)
 
+    # --- local DP (privacy.enabled) ---------------------------------------------------------
+    def privacy_plan(self, partition_id: int) -> tuple[float, float, int]:
+        """(sample rate, noise multiplier, planned steps) of a client's DP-SGD: the noise
+        for a target epsilon covers every step the client is planned to take (cross-device:
+        its expected number of rounds, rounded up)."""
+        if partition_id not in self._privacy:
+            f, t = self.cfg.federation, self.cfg.training
+            rate = privacy.sample_rate(t.batch_size, len(self.partitions[partition_id]))
+            rounds = f.rounds if f.mode == "cross-silo" else math.ceil(
+                f.rounds * self.cfg.clients_per_round() / f.num_clients)
+            planned = rounds * t.local_steps
+            self._privacy[partition_id] = (
+                rate, privacy.noise_for(self.cfg.privacy, rate, planned), planned)
+        return self._privacy[partition_id]
+
     # --- work -------------------------------------------------------------------------------
-    def train_client(self, partition_id: int, server_round: int,
-                     names: Sequence[str]) -> tuple[float, int]:
-        """Train `names` (plus local-only tensors) on a partition; (mean loss, examples)."""
+    def train_client(self, partition_id: int, server_round: int, names: Sequence[str],
+                     rank: int | None = None) -> tuple[float, int]:
+        """Train `names` (plus local-only tensors) on a partition; (mean loss, examples).
+        With `rank`, TT cores train only inside their rank-`rank` block (masked gradients
+        keep the zero padding zero, so the adapter stays of that rank)."""
         t = self.cfg.training
         rows = self.partitions[partition_id]
         self.set_trainable(list(names) + self.local_only)
@@ -135,12 +196,26 @@ class Runtime:
         params = [self.params[n] for n in list(names) + self.local_only]
         # Dropout draws from torch's global generator: seed it per client and round (and
         # restore it after), so results do not depend on what this process ran before.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            loss = train_local(self.model, self.train_data, rows, params,
-                               steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
-                               weight_decay=t.weight_decay,
-                               generator=torch.Generator().manual_seed(seed))
+        hooks = [self.params[n].register_hook(lambda g, m=mask: g * m)
+                 for n, mask in (self._rank_masks(rank) if rank else {}).items()]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                generator = torch.Generator().manual_seed(seed)
+                if self.cfg.privacy.enabled:
+                    _, noise, _ = self.privacy_plan(partition_id)
+                    loss = privacy.train_private(
+                        self.model, self.train_data, rows, params, steps=t.local_steps,
+                        batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                        noise_multiplier=noise, max_grad_norm=self.cfg.privacy.max_grad_norm,
+                        generator=generator)
+                else:
+                    loss = train_local(self.model, self.train_data, rows, params,
+                                       steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+                                       weight_decay=t.weight_decay, generator=generator)
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.set_trainable(self.trainable)
         return loss, len(rows)
 

@@ -6,6 +6,7 @@ Deployment Engine; everything it needs comes from the run config.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -102,7 +103,8 @@ def run(grid: Grid, context: Context) -> dict:
         row = {"round": server_round, "method": rt.method.name, **metrics,
                "upload_bytes": up, "download_bytes": down,
                "cumulative_bytes": state["cumulative"], "clients": stats.get("clients", []),
-               "seconds": now - state["last"], "epsilon": None,
+               "seconds": now - state["last"],
+               "epsilon": max(strategy.epsilon.values()) if strategy.epsilon else None,
                "train_loss": stats.get("train_loss"),
                "upload_wire_bytes": stats.get("upload_wire_bytes", 0),
                "client_train_seconds": stats.get("client_train_seconds", 0.0),
@@ -152,6 +154,9 @@ def run(grid: Grid, context: Context) -> dict:
         "trainable_params": trainable, "seed": cfg.training.seed,
         "travelling_params": sum(rt.params[n].numel() for n in rt.sent),
         "precision": cfg.federation.precision,
+        "epsilon_per_client": ({str(c): e for c, e in sorted(strategy.epsilon.items())}
+                               if cfg.privacy.enabled else None),
+        "privacy": dataclasses.asdict(cfg.privacy),
         "resumed_from_round": resumed["round"] if resumed else None,
     }, plots=cfg.output.plots)
     if stopped:

@@ -6,7 +6,11 @@
 - Upload: the method decides which tensors train this round (FedTT+: its core mask), sent to
   clients as a list of names; replies must carry exactly those.
 - Aggregation: the method's own (`Method.aggregate`), merged into the full global record.
-- Ledger: one row per travelling tensor per client per round per direction, sent or not.
+- Per-client TT ranks (fedtt, exact aggregation): a client below the global rank declares its
+  rank in each reply; from then on it gets each TT layer's TT-SVD rounding to that rank.
+- Precision: tensors travel in `federation.precision`; the global master stays float32.
+- Ledger: one row per travelling tensor per client per round per direction, sent or not, with
+  the bytes actually sent (the client's rank, the wire precision).
 - Untrusted replies: validated (`validate.py`) before aggregation; failures, rejections and
   missing replies are recorded; below `min_replies` the round is retried, then the run stops
   with the global model unchanged.
@@ -35,9 +39,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedtt import tt
 from fedtt.federated import wire
 from fedtt.federated.validate import Rejected, ReplyRules, check_train_reply, clip_update
-from fedtt.methods import Method
+from fedtt.methods import Method, core_groups
 
 LedgerSink = Callable[[list[dict]], None]
 
@@ -60,7 +65,17 @@ class FedTTStrategy(FedAvg):
         self.sent = list(initial)
         self.global_state = {n: t.detach().clone() for n, t in initial.items()}
         self.version = dict.fromkeys(self.sent, 0)
-        self._arrays: dict[str, Array] = {}  # serialised once per version, shared by messages
+        # Serialised once per version (and TT rank), shared by every message that sends it.
+        self._arrays: dict[tuple[str, int | None], Array] = {}
+        # Per-client TT ranks: clients below the global rank declare theirs in each reply
+        # and get each TT layer rounded to it (TT-SVD, computed once per rank and version).
+        self.groups = core_groups(self.sent)
+        self.core_layer = {c: layer for layer, cores in self.groups.items() for c in cores}
+        self.full_rank = max((self.global_state[c].shape[2] for c in self.core_layer), default=0)
+        self.accepts_ranks = method.name == "fedtt" and method.cfg.aggregation == "exact"
+        self.client_rank: dict[int, int] = {}
+        self.epsilon: dict[int, float] = {}  # client -> epsilon it last reported (local DP)
+        self._rounded: dict[int, dict[str, torch.Tensor]] = {}
         self.held: dict[int, int] = {}  # node -> global version it holds (stateful clients)
         self._will_hold: dict[int, int] = {}  # ... once its reply proves it got the payload
         self.stateful, self.num_clients = stateful, num_clients
@@ -74,10 +89,38 @@ class FedTTStrategy(FedAvg):
         self.stats: dict[int, dict] = {}
 
     # --- helpers ---------------------------------------------------------------------------
-    def _array(self, name: str) -> Array:
-        if name not in self._arrays:
-            self._arrays[name] = wire.to_array(self.global_state[name], self.precision)
-        return self._arrays[name]
+    def _array(self, name: str, rank: int | None = None) -> Array:
+        key = (name, rank if name in self.core_layer else None)
+        if key not in self._arrays:
+            self._arrays[key] = wire.to_array(self._tensor(name, rank), self.precision)
+        return self._arrays[key]
+
+    def _tensor(self, name: str, rank: int | None) -> torch.Tensor:
+        """A global tensor as a client of TT rank `rank` gets it (None: the global rank)."""
+        if rank is None or name not in self.core_layer:
+            return self.global_state[name]
+        if rank not in self._rounded:
+            rounded = {}
+            for cores in self.groups.values():
+                values = tt.slice_cores(
+                    tt.round_cores([self.global_state[c] for c in cores], rank), rank)
+                rounded.update({c: v.contiguous() for c, v in zip(cores, values, strict=True)})
+            self._rounded[rank] = rounded
+        return self._rounded[rank][name]
+
+    def _declared_rank(self, msg: Message) -> int | None:
+        """The TT rank a reply declares (None: the global rank); Rejected if not allowed."""
+        try:
+            value = msg.content["metrics"].get("tt-rank")
+        except Exception:  # malformed: check_train_reply names the problem
+            return None
+        if value is None:
+            return None
+        if not self.accepts_ranks:
+            raise Rejected("per-client TT ranks need method fedtt with aggregation 'exact'")
+        if isinstance(value, bool) or value not in range(1, self.full_rank + 1):
+            raise Rejected(f"tt-rank {value!r} is not an integer in [1, {self.full_rank}]")
+        return int(value) if value < self.full_rank else None
 
     def global_record(self) -> ArrayRecord:
         return ArrayRecord(array_dict={n: self._array(n) for n in self.sent})
@@ -94,19 +137,20 @@ class FedTTStrategy(FedAvg):
         """The tensors `node` lacks; records their download ledger rows as pending."""
         held = self.held.get(node) if self.stateful else None
         names = [n for n in self.sent if held is None or self.version[n] > held]
-        chosen = set(names)
-        rows = [self._row(server_round, "down", kind, n, n in chosen) for n in self.sent]
+        chosen, rank = set(names), self.client_rank.get(node)
+        rows = [self._row(server_round, "down", kind, n, n in chosen, tensor=self._tensor(n, rank))
+                for n in self.sent]
         self.pending.setdefault(node, []).extend(rows)
         if self.stateful:
             self._will_hold[node] = server_round - 1 if kind == "train" else server_round
         stats = self.stats.setdefault(server_round, _empty_stats())
         stats["download_bytes"] += sum(r["bytes"] for r in rows)
-        return ArrayRecord(array_dict={n: self._array(n) for n in names})
+        return ArrayRecord(array_dict={n: self._array(n, rank) for n in names})
 
     def _row(self, server_round: int, direction: str, kind: str, name: str, sent: bool,
-             client: int | None = None) -> dict:
+             client: int | None = None, tensor: torch.Tensor | None = None) -> dict:
         """A ledger row: the tensor's bytes at the wire precision, 0 if not sent."""
-        tensor = self.global_state[name]
+        tensor = self.global_state[name] if tensor is None else tensor
         return {"round": server_round, "client": client, "direction": direction, "kind": kind,
                 "name": name, "shape": list(tensor.shape), "dtype": self.precision,
                 "bytes": tensor.numel() * wire.itemsize(self.precision) if sent else 0,
@@ -130,6 +174,7 @@ class FedTTStrategy(FedAvg):
         return {"global": {n: t.clone() for n, t in self.global_state.items()},
                 "version": dict(self.version), "held": dict(self.held),
                 "node_client": dict(self.node_client), "rng": self.rng.getstate(),
+                "client_rank": dict(self.client_rank), "epsilon": dict(self.epsilon),
                 "method": self.method.state()}
 
     def load_state(self, state: dict, *, clients_kept_state: bool) -> None:
@@ -138,9 +183,12 @@ class FedTTStrategy(FedAvg):
         self.version = dict(state["version"])
         self.held = dict(state["held"]) if clients_kept_state else {}
         self.node_client = dict(state["node_client"])
+        self.client_rank = dict(state["client_rank"])
+        self.epsilon = dict(state["epsilon"])
         self.rng.setstate(state["rng"])
         self.method.load_state(state["method"])
         self._arrays.clear()
+        self._rounded.clear()
 
     def run_rounds(self, grid: Grid, *, first_round: int, num_rounds: int, timeout: float,
                    evaluate_fn: Callable[[int], None],
@@ -218,7 +266,8 @@ class FedTTStrategy(FedAvg):
         for name, value in new.items():
             self.global_state[name] = value
             self.version[name] = server_round
-            self._arrays.pop(name, None)
+        self._arrays = {k: a for k, a in self._arrays.items() if k[0] not in new}
+        self._rounded.clear()
         stats["aggregate_seconds"] = time.perf_counter() - agg_start
         total = sum(a.examples for a in accepted)
         stats["train_loss"] = sum(a.metrics.get("train_loss", 0.0) * a.examples
@@ -231,9 +280,13 @@ class FedTTStrategy(FedAvg):
                 asked: list[int]) -> list[Accepted]:
         """Validate replies; record failures, rejections and the ledger; keep the good ones."""
         stats = self.stats[server_round]
-        rules = ReplyRules(expected={n: self.global_state[n] for n in self.round_train},
-                           num_partitions=self.num_clients, max_examples=self.guard.max_examples,
-                           max_abs_value=self.guard.max_abs_value, precision=self.precision)
+
+        def rules_at(rank: int | None) -> ReplyRules:
+            return ReplyRules(expected={n: self._tensor(n, rank) for n in self.round_train},
+                              num_partitions=self.num_clients,
+                              max_examples=self.guard.max_examples,
+                              max_abs_value=self.guard.max_abs_value, precision=self.precision)
+
         accepted, answered = [], set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -242,6 +295,8 @@ class FedTTStrategy(FedAvg):
                 self._fail(server_round, node, f"client error: {msg.error.reason}")
                 continue
             try:
+                rank = self._declared_rank(msg)
+                rules = rules_at(rank)
                 tensors, examples, client, metrics = check_train_reply(msg.content, rules)
             except Rejected as exc:
                 client = self.node_client.get(node)
@@ -254,13 +309,17 @@ class FedTTStrategy(FedAvg):
                               "bytes": _wire_bytes(msg), "sent": True, "rejected": str(exc)}])
                 continue
             self.node_client[node] = client
+            if rank is not None:
+                self.client_rank[node] = rank
+            if "epsilon" in metrics:
+                self.epsilon[client] = metrics["epsilon"]
             self._delivered(node)
             self._flush(node, client)
             if self.guard.max_update_norm > 0:
                 tensors, norm = clip_update(tensors, rules.expected, self.guard.max_update_norm)
                 stats.setdefault("update_norms", {})[str(client)] = norm
-            self.ledger([self._row(server_round, "up", "train", n, n in tensors, client)
-                         for n in self.sent])
+            self.ledger([self._row(server_round, "up", "train", n, n in tensors, client,
+                                   tensor=tensors.get(n)) for n in self.sent])
             stats["upload_bytes"] += sum(t.numel() for t in tensors.values()) * wire.itemsize(
                 self.precision)
             stats["upload_wire_bytes"] += msg.content["arrays"].count_bytes()

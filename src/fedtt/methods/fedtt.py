@@ -42,22 +42,34 @@ class FedTT(Method):
 
     def aggregate(self, server_round: int, current: Mapping[str, torch.Tensor],
                   replies: Replies) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        new = fedavg(replies)
+        """FedAvg; with `exact`, each TT layer's cores are replaced by the TT-SVD rounding
+        of the average of the clients' rebuilt tensors, which also admits clients of lower
+        TT ranks (their replies carry smaller cores)."""
         groups = core_groups(list(current))
+        cores_of = {c for cores in groups.values() for c in cores}
+        mixed = any(t.shape != current[n].shape for state, _ in replies
+                    for n, t in state.items() if n in cores_of)
+        if mixed and self.cfg.aggregation != "exact":
+            raise ValueError("replies of different TT ranks need method.aggregation = 'exact'")
+        new = fedavg([({n: t for n, t in state.items() if not (mixed and n in cores_of)}, w)
+                      for state, w in replies])
         gap_num, gap_den = 0.0, 0.0
         for cores in groups.values():
-            if not any(c in new for c in cores):
+            if not any(c in replies[0][0] for c in cores):
                 continue
             exact = _average_full(current, replies, cores)
-            factor = tt.tt_to_full([new.get(c, current[c]) for c in cores]).to(torch.float64)
-            gap_num += float((factor - exact).pow(2).sum())
-            gap_den += float(exact.pow(2).sum())
+            if not mixed:
+                factor = tt.tt_to_full([new.get(c, current[c]) for c in cores])
+                gap_num += float((factor.to(torch.float64) - exact).pow(2).sum())
+                gap_den += float(exact.pow(2).sum())
             if self.cfg.aggregation == "exact":
                 modes = [current[c].shape[1] for c in cores]
                 rank = max(current[c].shape[2] for c in cores)
                 rounded = tt.pad_cores(tt.tt_svd(exact, modes, rank), rank)
                 for c, value in zip(cores, rounded, strict=True):
                     new[c] = value.to(current[c].dtype)
+        if mixed:  # no single factor average exists to compare with
+            return new, {}
         gap = math.sqrt(gap_num / gap_den) if gap_den > 0 else 0.0
         return new, {"aggregation_gap": gap}
 

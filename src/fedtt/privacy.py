@@ -1,0 +1,137 @@
+"""Local differential privacy: DP-SGD on each client, and each client's privacy accounting.
+
+Each step of a client's local training is the Sampled Gaussian Mechanism, as Opacus does it:
+a Poisson sample of the client's rows (each row with probability q = batch_size / rows, drawn
+by Opacus' `UniformWithReplacementSampler`), per-sample gradients from Opacus'
+`GradSampleModule` (hooks; TT cores go through its functorch path), each clipped to
+`max_grad_norm`, summed, Gaussian noise of std `noise_multiplier * max_grad_norm` added, divided
+by the expected batch size q * rows, then an AdamW step. Nothing leaves a client unnoised, so
+no trusted server is needed. The client counts its own steps over every round it takes part
+in, and the epsilon it reports is Opacus' accountant (RDP, or PRV) over (noise, q, steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.nn import functional as F
+
+from fedtt.config import PrivacyConfig
+from fedtt.train import Encoded
+
+
+class BudgetSpent(RuntimeError):
+    """Another round would take a client past its target epsilon; it stops training."""
+
+
+def sample_rate(batch_size: int, rows: int) -> float:
+    return min(1.0, batch_size / rows)
+
+
+def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float,
+            accountant: str = "rdp") -> float:
+    """Opacus' epsilon after `steps` steps of the Sampled Gaussian Mechanism."""
+    if steps == 0:
+        return 0.0
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(noise_multiplier, rate, steps)]  # what `steps` calls of acc.step leave
+    return float(acc.get_epsilon(delta))
+
+
+def noise_for(cfg: PrivacyConfig, rate: float, planned_steps: int) -> float:
+    """The noise multiplier: given, or the least one keeping the planned steps in budget."""
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    return float(get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=cfg.delta,
+                                      sample_rate=rate, steps=max(planned_steps, 1),
+                                      accountant=cfg.accountant))
+
+
+def per_sample_grads(model: nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor,
+                     params: Sequence[nn.Parameter]) -> tuple[list[torch.Tensor], float]:
+    """Each example's gradient of its own loss for every tensor in `params` (B x shape), and
+    the summed loss; through Opacus' GradSampleModule (its hooks are removed afterwards)."""
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    try:
+        return _sample_grads(gsm, batch, labels, params)
+    finally:
+        gsm._close()
+
+
+def _sample_grads(gsm: GradSampleModule, batch: dict[str, torch.Tensor], labels: torch.Tensor,
+                  params: Sequence[nn.Parameter]) -> tuple[list[torch.Tensor], float]:
+    try:
+        logits = gsm(**batch).logits
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        loss.backward()
+        grads = [p.grad_sample.detach().clone() for p in params]
+    finally:
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+    return grads, float(loss.detach())
+
+
+def clip(grads: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Scale each example's gradient (all tensors together) to norm at most `max_norm`."""
+    norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [g * factor.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+
+
+def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
+                 max_norm: float, noise_multiplier: float, expected_batch: float,
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """Clip, sum, add N(0, (noise * max_norm)^2) and divide by the expected batch size."""
+    clipped = clip(grads, max_norm) if grads and grads[0].shape[0] else None
+    out = []
+    for i, shape in enumerate(shapes):
+        summed = clipped[i].sum(0) if clipped is not None else torch.zeros(shape)
+        noise = torch.normal(0.0, noise_multiplier * max_norm, size=tuple(shape),
+                             generator=generator)
+        out.append((summed + noise) / expected_batch)
+    return out
+
+
+def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
+                  params: Sequence[nn.Parameter], *, steps: int, batch_size: int, lr: float,
+                  weight_decay: float, noise_multiplier: float, max_grad_norm: float,
+                  generator: torch.Generator) -> float:
+    """`steps` DP-SGD steps (AdamW on the private gradient) on `rows`; mean per-example loss
+    of the sampled batches."""
+    params = list(params)
+    if not rows:
+        raise ValueError("cannot train on an empty partition")
+    rate = sample_rate(batch_size, len(rows))
+    rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sampler = UniformWithReplacementSampler(num_samples=len(rows), sample_rate=rate,
+                                            generator=generator, steps=steps)
+    model.train()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    total, seen = 0.0, 0
+    try:
+        for picked in sampler:
+            picked_rows = rows_t[torch.as_tensor(picked, dtype=torch.long)]
+            grads: list[torch.Tensor] = []
+            if len(picked_rows):
+                grads, loss = _sample_grads(gsm, data.batch(picked_rows),
+                                            data.labels[picked_rows], params)
+                total, seen = total + loss, seen + len(picked_rows)
+            noisy = private_grad(grads, [p.shape for p in params], max_norm=max_grad_norm,
+                                 noise_multiplier=noise_multiplier,
+                                 expected_batch=rate * len(rows), generator=generator)
+            for p, g in zip(params, noisy, strict=True):
+                p.grad = g.to(p.dtype)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        gsm._close()
+        model.eval()
+    return total / max(seen, 1)

@@ -1,0 +1,170 @@
+"""Local DP-SGD: per-sample gradients against a per-example loop (TT cores, LoRA B), clipping,
+the reported epsilon against Opacus' own accountant, budgets that stop a client, seeds."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import PRVAccountant, RDPAccountant
+from test_runtime import read, tiny
+from torch.nn import functional as F
+from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig
+
+from fedtt import privacy
+from fedtt.adapters import AdapterConfig
+from fedtt.federated import client_app as capp
+from fedtt.federated.inprocess import run_inprocess
+from fedtt.federated.runtime import Runtime
+from fedtt.methods import MethodConfig, make_method
+
+METHODS = ["fedtt", "fedtt+", "lora", "ffa-lora"]
+DP = {"privacy.enabled": True, "privacy.noise_multiplier": 0.8, "privacy.max_grad_norm": 0.5}
+
+
+def small_model(arch, hidden, method, rank, bottleneck, seed):
+    common = dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=2 * hidden, vocab_size=50, num_labels=3)
+    cfg = (BertConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+           if arch == "bert" else LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0))
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    m = make_method(MethodConfig(name=method, lora_rank=rank),
+                    AdapterConfig(rank=rank, bottleneck=bottleneck, init="gaussian"))
+    return m.build(model, seed=seed).train()
+
+
+@settings(max_examples=12, deadline=None)
+@given(arch=st.sampled_from(["bert", "llama"]), hidden=st.sampled_from([16, 24, 32]),
+       method=st.sampled_from(["fedtt", "lora"]), rank=st.integers(1, 4),
+       bottleneck=st.sampled_from([4, 6, 8]), batch=st.integers(2, 5), length=st.integers(2, 7),
+       seed=st.integers(0, 1000))
+def test_per_sample_grads_equal_a_per_example_loop(arch, hidden, method, rank, bottleneck,
+                                                   batch, length, seed):
+    model = small_model(arch, hidden, method, rank, bottleneck, seed)
+    names = [n for n, p in model.named_parameters() if p.requires_grad
+             and (".core_" in n or "lora_B" in n)]
+    params = [dict(model.named_parameters())[n] for n in names]
+    assert params, "nothing to check"
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (batch, length), generator=gen)
+    labels = torch.randint(0, 3, (batch,), generator=gen)
+    mask = torch.ones_like(ids)
+    grads, _ = privacy.per_sample_grads(model, {"input_ids": ids, "attention_mask": mask},
+                                        labels, params)
+    for i in range(batch):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+        F.cross_entropy(logits.float(), labels[i:i + 1], reduction="sum").backward()
+        for name, p, g in zip(names, params, grads, strict=True):
+            assert torch.allclose(g[i], p.grad, atol=1e-5, rtol=1e-4), name
+    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for p in params)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 8), scale=st.floats(0.01, 100.0), max_norm=st.floats(0.1, 5.0))
+def test_clip_bounds_every_per_sample_norm(batch, scale, max_norm):
+    grads = [torch.randn(batch, 3, 4) * scale, torch.randn(batch, 5) * scale]
+    clipped = privacy.clip(grads, max_norm)
+    before = torch.stack([g.reshape(batch, -1).norm(dim=1) for g in grads]).norm(dim=0)
+    after = torch.stack([g.reshape(batch, -1).norm(dim=1) for g in clipped]).norm(dim=0)
+    assert bool((after <= max_norm * (1 + 1e-5)).all())
+    small = before <= max_norm
+    assert torch.allclose(after[small], before[small], rtol=1e-5)
+
+
+def opacus_epsilon(kind, noise, rate, steps, delta):
+    acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=noise, sample_rate=rate)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_reported_epsilon_is_opacus_accountants(tmp_path, accountant):
+    cfg = tiny(tmp_path, **DP, **{"privacy.accountant": accountant, "federation.rounds": 3})
+    summary = run_inprocess(cfg, quiet=True)
+    rounds, _, _ = read(cfg.output.dir)
+    counts = json.loads((Path(cfg.output.dir) / "label_counts.json").read_text())["counts"]
+    t = cfg.training
+    per_client = summary["epsilon_per_client"]
+    assert set(per_client) == {"0", "1", "2"}
+    for client, eps in per_client.items():
+        rate = t.batch_size / sum(counts[int(client)])
+        expected = opacus_epsilon(accountant, 0.8, rate, t.local_steps * 3, 1e-5)
+        assert eps == pytest.approx(expected, rel=1e-6)
+    worst = [r["epsilon"] for r in rounds]
+    assert worst[0] is None and worst[-1] == max(per_client.values())
+    assert worst[1] < worst[2] < worst[3]
+
+
+def test_target_epsilon_plans_the_noise_and_a_client_over_budget_stops(tmp_path):
+    sets = {"privacy.enabled": True, "privacy.epsilon": 3.0, "federation.mode": "cross-device",
+            "federation.num_clients": 4, "federation.clients_per_round": 2,
+            "federation.rounds": 6}
+    cfg = tiny(tmp_path, **sets)
+    rt = Runtime(cfg)
+    rate, noise, planned = rt.privacy_plan(0)
+    assert planned == 3 * cfg.training.local_steps  # 6 rounds x 2 / 4 clients
+    assert privacy.epsilon(noise, rate, planned, 1e-5) <= 3.0
+    assert privacy.epsilon(noise, rate, planned + cfg.training.local_steps, 1e-5) > 3.0
+    # A client that has used its planned steps refuses the next round, and says why.
+    context = Context(run_id=1, node_id=2, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    context.state[capp.STATE_PRIVACY] = capp.wire.to_record({"steps": torch.tensor([planned])})
+    with pytest.raises(privacy.BudgetSpent, match="client 0 stops training"):
+        capp._privacy_check(rt, context, 0)
+    # In a run, no client ever reports more than its target.
+    summary = run_inprocess(cfg, quiet=True)
+    rounds, _, _ = read(cfg.output.dir)
+    assert max(summary["epsilon_per_client"].values()) <= 3.0
+    refusals = [f for r in rounds for f in r["failed"] if "stops training" in f["reason"]]
+    participations = {}
+    for r in rounds[1:]:
+        for c in r["clients"] + [f["client"] for f in r["failed"]]:
+            participations[c] = participations.get(c, 0) + 1
+    assert len(refusals) == sum(max(0, n - 3) for n in participations.values())
+
+
+@pytest.mark.parametrize("mode", ["cross-silo", "cross-device"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_privately_and_clipping_holds(tmp_path, monkeypatch, method, mode):
+    seen = []
+    real = privacy.clip
+
+    def spy(grads, max_norm):
+        out = real(grads, max_norm)
+        seen.append(torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in out]).norm(dim=0))
+        return out
+
+    monkeypatch.setattr(privacy, "clip", spy)
+    sets = {**DP, "method.name": method, "federation.mode": mode, "federation.rounds": 2}
+    if mode == "cross-device":
+        sets.update({"federation.num_clients": 6, "federation.clients_per_round": 2})
+    cfg = tiny(tmp_path, **sets)
+    summary = run_inprocess(cfg, quiet=True)
+    assert summary["status"] == "completed" and summary["epsilon_per_client"]
+    assert seen and all(bool((n <= 0.5 * (1 + 1e-5)).all()) for n in seen)
+
+
+def test_same_seed_same_run_different_seed_differs(tmp_path):
+    def run(name, seed):
+        cfg = tiny(tmp_path, name, **DP, **{"training.seed": seed, "federation.rounds": 2})
+        run_inprocess(cfg, quiet=True)
+        return [(r["loss"], r["train_loss"]) for r in read(cfg.output.dir)[0]]
+
+    a, b, c = run("a", 1), run("b", 1), run("c", 2)
+    assert a == b and a != c
+
+
+def test_privacy_config_errors_name_the_key(tmp_path):
+    from fedtt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.epsilon"):
+        tiny(tmp_path, **{"privacy.enabled": True})
+    with pytest.raises(ConfigError, match="privacy.epsilon"):
+        tiny(tmp_path, **{"privacy.enabled": True, "privacy.epsilon": 1.0,
+                          "privacy.noise_multiplier": 1.0})

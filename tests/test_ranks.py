@@ -1,0 +1,91 @@
+"""Per-client TT ranks: each client trains, uploads and receives its own rank; the server keeps
+the global adapter at the full rank and aggregates in the rebuilt space."""
+
+import pytest
+import torch
+from test_runtime import read, tiny
+
+from fedtt import tt
+from fedtt.config import ConfigError
+from fedtt.federated.inprocess import run_inprocess
+from fedtt.federated.runtime import Runtime
+from fedtt.methods import core_groups
+
+RANKS = {"adapter.rank": 6, "method.aggregation": "exact", "federation.client_ranks": [2, 4, 6]}
+
+
+def core_bytes(ledger, client, rnd, direction):
+    return sum(r["bytes"] for r in ledger if r["client"] == client and r["round"] == rnd
+               and r["direction"] == direction and ".core_" in r["name"])
+
+
+def test_each_client_uploads_and_downloads_at_its_own_rank(tmp_path):
+    cfg = tiny(tmp_path, **RANKS, **{"federation.rounds": 3})
+    summary = run_inprocess(cfg, quiet=True)
+    rounds, ledger, _ = read(cfg.output.dir)
+    rt = Runtime(cfg)
+    groups = core_groups(rt.sent)
+
+    def expected(rank):  # bytes of every TT layer's cores at `rank`
+        return 4 * sum(tt.tt_param_count([rt.params[c].shape[1] for c in cores], rank)
+                       for cores in groups.values())
+
+    for rnd in (1, 2, 3):
+        assert [core_bytes(ledger, c, rnd, "up") for c in range(3)] == [
+            expected(2), expected(4), expected(6)]
+    # Round 1: ranks are not known yet, so everyone gets the full rank; then their own.
+    assert {core_bytes(ledger, c, 1, "down") for c in range(3)} == {expected(6)}
+    assert [core_bytes(ledger, c, 2, "down") for c in range(3)] == [
+        expected(2), expected(4), expected(6)]
+    assert rounds[-1]["loss"] < rounds[0]["loss"]
+    assert summary["status"] == "completed"
+
+
+def test_server_sends_the_tt_svd_rounding_of_the_global_adapter(tmp_path):
+    from fedtt.adapters import AdapterConfig
+    from fedtt.federated.strategy import FedTTStrategy, Safeguards
+    from fedtt.methods import MethodConfig, make_method
+
+    cfg = tiny(tmp_path, **RANKS)
+    rt = Runtime(cfg)
+    method = make_method(MethodConfig(name="fedtt", aggregation="exact"), AdapterConfig(rank=6))
+    gen = torch.Generator().manual_seed(0)
+    initial = {n: torch.randn(rt.params[n].shape, generator=gen) for n in rt.sent}
+    strategy = FedTTStrategy(method, initial, stateful=True, num_clients=3, clients_per_round=3,
+                             seed=0, client_eval=False, ledger=lambda rows: None,
+                             guard=Safeguards())
+    for cores in core_groups(rt.sent).values():
+        full = tt.tt_to_full([initial[c] for c in cores])
+        sent = [strategy._tensor(c, 2) for c in cores]
+        assert [s.shape for s in sent] == [s.shape for s in tt.slice_cores(sent, 2)]
+        assert max(s.shape[2] for s in sent) <= 2
+        best = tt.tt_to_full(tt.tt_svd(full, [s.shape[1] for s in sent], 2))
+        assert torch.allclose(tt.tt_to_full(sent), best, atol=1e-5)
+
+
+def test_a_low_rank_client_keeps_its_padding_zero_while_training(tmp_path):
+    cfg = tiny(tmp_path, **RANKS)
+    rt = Runtime(cfg)
+    with torch.no_grad():  # a non-trivial full-rank start, as the server's first payload is
+        for cores in rt.tt_groups.values():
+            for c in cores:
+                rt.params[c].normal_(0, 0.3)
+    rt.fit_rank(2)
+    masks = rt._rank_masks(2)
+    rt.train_client(0, 1, rt.sent, rank=2)
+    for name, mask in masks.items():
+        assert not bool((rt.params[name] * (1 - mask)).any()), name
+        assert bool((rt.params[name] * mask).any()), name
+    sent = rt.at_rank(rt.snapshot(rt.sent), 2)
+    for cores in rt.tt_groups.values():
+        assert max(sent[c].shape[2] for c in cores) <= 2
+
+
+@pytest.mark.parametrize("sets, key", [
+    ({"method.aggregation": "factor"}, "method.aggregation"),
+    ({"method.name": "fedtt+", "method.aggregation": "exact"}, "method.name"),
+    ({"federation.client_ranks": [2, 9]}, "federation.client_ranks"),
+])
+def test_rank_config_errors_name_the_key(tmp_path, sets, key):
+    with pytest.raises(ConfigError, match=key):
+        tiny(tmp_path, **{**RANKS, **sets})
