@@ -37,7 +37,7 @@ TUNE_SEED = 100
 TUNE_CONFIG = "cross-silo/movie-reviews-{method}-iid"
 SEEDS = (0, 1, 2)
 GROUP_ORDER = ("cross-silo", "cross-device", "decoder", "heterogeneity", "precision",
-               "ablation")
+               "privacy", "ablation")
 
 
 # --- configs and jobs ------------------------------------------------------------------------

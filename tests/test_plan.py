@@ -67,3 +67,12 @@ def test_plan_json_cli(capsys):
 def test_plan_cli_rejects_unknown_model(capsys):
     assert main(["plan", "--model", "arch:nonexistent", "--methods", "fedtt"]) == 2
     assert "arch:nonexistent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision, factor", [("bfloat16", 2), ("float16", 2), ("float32", 1)])
+def test_plan_counts_bytes_at_the_wire_precision(precision, factor):
+    full = plan("arch:tiny-llama", ["fedtt", "lora"])
+    half = plan("arch:tiny-llama", ["fedtt", "lora"], precision=precision)
+    for name, row in half["methods"].items():
+        assert row["upload_params"] == full["methods"][name]["upload_params"] > 0
+        assert row["upload_bytes"] * factor == full["methods"][name]["upload_bytes"]

@@ -21,7 +21,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = plan(args.model or cfg.model.name, methods, cfg.adapter, cfg.method,
-                  num_labels=args.num_labels)
+                  num_labels=args.num_labels, precision=cfg.federation.precision)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 

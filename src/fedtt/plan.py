@@ -13,16 +13,17 @@ from collections.abc import Sequence
 from torch import nn
 
 from fedtt.adapters import AdapterConfig
+from fedtt.federated.wire import PRECISIONS
 from fedtt.methods import Method, MethodConfig, make_method
 from fedtt.models import load_model
 
 
-def tensor_bytes(model: nn.Module, names: Sequence[str]) -> tuple[int, int]:
-    """(parameter count, bytes) of the named parameters of `model`."""
+def tensor_bytes(model: nn.Module, names: Sequence[str],
+                 precision: str = "float32") -> tuple[int, int]:
+    """(parameter count, bytes on the wire at `precision`) of the named parameters."""
     params = dict(model.named_parameters())
     count = sum(params[n].numel() for n in names)
-    size = sum(params[n].numel() * params[n].element_size() for n in names)
-    return count, size
+    return count, count * PRECISIONS[precision].itemsize
 
 
 def round_sets(model: nn.Module, method: Method, server_round: int,
@@ -43,19 +44,21 @@ def round_sets(model: nn.Module, method: Method, server_round: int,
 
 def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None = None,
          method_cfg: MethodConfig | None = None, *, num_labels: int = 2,
-         server_round: int = 2) -> dict:
-    """Per-method trainable parameters and per-client bytes each way in `server_round`."""
+         server_round: int = 2, precision: str = "float32") -> dict:
+    """Per-method trainable parameters and per-client bytes each way in `server_round`,
+    with tensors on the wire at `precision`."""
     adapter = adapter or AdapterConfig()
     method_cfg = method_cfg or MethodConfig()
-    out: dict = {"model": model_spec, "round": server_round, "methods": {}}
+    out: dict = {"model": model_spec, "round": server_round, "precision": precision,
+                 "methods": {}}
     for name in methods:
         cfg = dataclasses.replace(method_cfg, name=name)
         method = make_method(cfg, adapter)
         model = method.build(load_model(model_spec, num_labels), seed=0)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         up, down = round_sets(model, method, server_round)
-        up_params, up_bytes = tensor_bytes(model, up)
-        down_params, down_bytes = tensor_bytes(model, down)
+        up_params, up_bytes = tensor_bytes(model, up, precision)
+        down_params, down_bytes = tensor_bytes(model, down, precision)
         out["methods"][name] = {
             "trainable_params": trainable,
             "upload_params": up_params, "upload_bytes": up_bytes,
@@ -70,7 +73,8 @@ def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None 
 
 def format_plan(result: dict) -> str:
     """A fixed-width table of `plan`'s result."""
-    lines = [f"model: {result['model']}   (per client, round {result['round']}, cross-silo)",
+    lines = [f"model: {result['model']}   (per client, round {result['round']}, cross-silo, "
+             f"{result['precision']})",
              f"{'method':<10} {'trainable':>11} {'upload':>11} {'upload MB':>10} "
              f"{'download':>11} {'download MB':>11} {'up vs LoRA':>10}"]
     for name, r in result["methods"].items():
