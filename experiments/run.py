@@ -148,6 +148,8 @@ def collect(name: str, seeds: list[int], lr: float | None) -> dict | None:
         return None
     cfg = load(name)
     finals = [r["summary"]["final_accuracy"] for r in runs]
+    counts = json.loads((run_dir(name, runs[0]["seed"]) / "label_counts.json").read_text())
+    per_label = [sum(col) for col in zip(*counts["counts"], strict=True)]
     per_client = [statistics.mean(r["upload_bytes"] / max(len(r["clients"]), 1)
                                   for r in run["rounds"] if r["round"] > 0 and r["clients"])
                   for run in runs]
@@ -162,6 +164,7 @@ def collect(name: str, seeds: list[int], lr: float | None) -> dict | None:
         "upload_bytes_per_client_round": statistics.mean(per_client),
         "total_bytes_mean": statistics.mean(r["summary"]["total_bytes"] for r in runs),
         "wall_seconds_mean": statistics.mean(r["summary"]["wall_seconds"] for r in runs),
+        "majority_share": max(per_label) / sum(per_label),  # of the training labels
         "runs": runs,
     }
     path = RESULTS / f"{name}.json"
