@@ -221,7 +221,10 @@ def simple_group(res: dict[str, dict], group: str, img: Path) -> list[str]:
                      f"{kb(r['upload_bytes_per_client_round'])} | "
                      f"{r['total_bytes_mean'] / 1e6:.2f} |")
     plot([(group, [(r["name"].split("/")[1], r) for r in items])], img / f"{group}.png")
-    return [*lines, "", f"![accuracy vs MB, {group}](img/{group}.png)", ""]
+    chance = ", ".join(sorted({f"{r['config']['data']['task']} {100 * r['majority_share']:.1f}%"
+                               for r in items if "majority_share" in r}))
+    return [*lines, "", f"Majority class of the training labels: {chance}.", "",
+            f"![accuracy vs MB, {group}](img/{group}.png)", ""]
 
 
 def _clients(res: dict[str, dict]) -> list[str]:
@@ -232,8 +235,8 @@ def _clients(res: dict[str, dict]) -> list[str]:
             ranks = r["config"].get("federation", {}).get("client_ranks") or [
                 r["config"].get("adapter", {}).get("rank", 5)]
             rows.append(f"| {name.split('/')[1]} | "
-                        + " | ".join(f"client {c} (rank {ranks[int(c) % len(ranks)]}): "
-                                     f"{kb(b)}" for c, b in per.items()) + " |")
+                        + "; ".join(f"client {c} (rank {ranks[int(c) % len(ranks)]}): "
+                                    f"{kb(b)}" for c, b in per.items()) + " |")
     return ["Upload per round of each client, KB (seed 0):", "", "| run | clients |",
             "|---|---|", *rows, ""] if rows else []
 
@@ -380,5 +383,9 @@ def _setup(results: Path, res: dict[str, dict]) -> list[str]:
                      f"{s[-1]['cpus']} CPUs (one thread each).")
     runs = sum(len(r["runs"]) for r in res.values())
     cpu = sum(run["summary"]["wall_seconds"] for r in res.values() for run in r["runs"])
-    lines += [f"Reported runs: {runs}; their summed run time: {cpu / 3600:.2f} h.", ""]
+    full = sum(3 * r["wall_seconds_mean"] for r in res.values())
+    lines += [f"Reported runs: {runs}; their summed run time: {cpu / 3600:.2f} h (each run on "
+              "one thread, two at a time). At the measured mean time per run, every config "
+              f"reported here with three seeds comes to {full / 3600:.2f} h of run time, about "
+              f"{full / 2 / 3600:.2f} h of wall time at two runs at a time.", ""]
     return lines

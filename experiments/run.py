@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         _log_session(started, len(jobs), args.workers, args.only)
         if failed:
             print("failed:\n  " + "\n  ".join(failed), file=sys.stderr)
-    collect_all([int(s) for s in args.seeds.split(",")])
+    collect_all(list(SEEDS))  # every finished seed, whichever invocation ran it
     sys.path.insert(0, str(EXPERIMENTS))
     from report import write_report
 
