@@ -156,7 +156,9 @@ def goal_lines(goals: dict, res: dict[str, dict]) -> list[str]:
             out.append(f"  With three times the rounds (ablation below) the difference is "
                        f"{gap:+.1f} points (FedTT {acc(long_tt)}, LoRA {acc(long_lora)}): "
                        + ("the gap closes with training, so it is one of speed, not of "
-                          "capacity." if gap >= -1 else "the gap stays."))
+                          "capacity." if gap >= -1 else
+                          "the gap narrows with training but stays beyond 1 point."
+                          if gap > diff else "the gap does not narrow with training."))
         if plus:
             r2 = plus["upload_bytes_per_client_round"] / tt["upload_bytes_per_client_round"]
             out.append(f"- FedTT+ uploads {r2:.2f}x FedTT's bytes: goal fewer "
