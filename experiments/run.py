@@ -143,7 +143,10 @@ def collect(name: str, seeds: list[int], lr: float | None) -> dict | None:
                      "versions": summary.get("versions", {}),
                      "rounds": [{k: r.get(k) for k in keep} for r in rows],
                      "upload_breakdown": _breakdown(out),
-                     "client_upload_bytes": _client_uploads(out)})
+                     "client_upload_bytes": _client_uploads(out),
+                     # training rows per client and label (the partition depends on the seed)
+                     "client_label_counts": json.loads(
+                         (out / "label_counts.json").read_text())["counts"]})
     if not runs:
         return None
     cfg = load(name)
