@@ -89,3 +89,39 @@ def test_a_low_rank_client_keeps_its_padding_zero_while_training(tmp_path):
 def test_rank_config_errors_name_the_key(tmp_path, sets, key):
     with pytest.raises(ConfigError, match=key):
         tiny(tmp_path, **{**RANKS, **sets})
+
+
+@pytest.mark.parametrize("node, sets, expected", [
+    ({"partition-id": 1}, {}, 4),  # federation.client_ranks by partition id
+    ({"partition-id": 4}, {}, 4),  # ... cycled
+    ({"partition-id": 1, "tt-rank": 2}, {}, 2),  # a SuperNode's node config wins
+    ({"partition-id": 0, "tt-rank": 6}, {}, None),  # the full rank needs no rounding
+    ({"partition-id": 0, "tt-rank": 3}, {"federation.client_ranks": []}, 3),
+    ({"partition-id": 0}, {"federation.client_ranks": []}, None),
+])
+def test_a_client_gets_the_rank_it_declares(tmp_path, node, sets, expected):
+    from flwr.app import Context, RecordDict
+
+    from fedtt.federated.client_app import client_rank
+
+    rt = Runtime(tiny(tmp_path, **{**RANKS, **sets}))
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    assert client_rank(rt, context) == expected
+
+
+@pytest.mark.parametrize("node, sets, match", [
+    ({"partition-id": 0, "tt-rank": 7}, {}, "outside 1..adapter.rank"),
+    ({"partition-id": 0, "tt-rank": 0}, {}, "outside 1..adapter.rank"),
+    ({"partition-id": 0, "tt-rank": 2}, {"federation.client_ranks": [],
+                                         "privacy.enabled": True,
+                                         "privacy.noise_multiplier": 1.0}, "privacy"),
+])
+def test_a_declared_rank_that_cannot_be_served_is_an_error(tmp_path, node, sets, match):
+    from flwr.app import Context, RecordDict
+
+    from fedtt.federated.client_app import client_rank
+
+    rt = Runtime(tiny(tmp_path, **{**RANKS, **sets}))
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match=match):
+        client_rank(rt, context)
