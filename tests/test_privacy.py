@@ -76,6 +76,33 @@ def test_clip_bounds_every_per_sample_norm(batch, scale, max_norm):
     assert torch.allclose(after[small], before[small], rtol=1e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 6), rank=st.integers(1, 3), scale=st.floats(0.1, 50.0),
+       seed=st.integers(0, 2**16))
+def test_masked_private_grad_touches_only_the_trained_block(batch, rank, scale, seed):
+    """A lower TT rank under DP: clip the masked per-sample gradients, and noise nothing
+    outside the block (what is outside is never sent, and must stay zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [torch.Size([3, 4, 3]), torch.Size([5])]
+    grads = [torch.randn(batch, *s, generator=gen) * scale for s in shapes]
+    mask = torch.zeros(shapes[0])
+    mask[:, :, :rank] = 1.0
+    masks = [mask, None]
+
+    def run(noise):
+        return privacy.private_grad(grads, shapes, max_norm=1.0, noise_multiplier=noise,
+                                    expected_batch=4.0, generator=torch.Generator()
+                                    .manual_seed(seed), masks=masks)
+
+    noisy, exact = run(1.0), run(0.0)
+    assert not bool(noisy[0][mask == 0].any()) and not bool(exact[0][mask == 0].any())
+    # Clipping sees only the block: the same as clipping gradients that were zero outside.
+    reference = privacy.clip([grads[0] * mask, grads[1]], 1.0)
+    for got, ref in zip(exact, reference, strict=True):
+        assert torch.allclose(got, ref.sum(0) / 4.0, atol=1e-6)
+    assert bool(noisy[0][mask == 1].ne(exact[0][mask == 1]).all())
+
+
 def opacus_epsilon(kind, noise, rate, steps, delta):
     acc = RDPAccountant() if kind == "rdp" else PRVAccountant()
     for _ in range(steps):

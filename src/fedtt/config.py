@@ -203,9 +203,6 @@ class RunConfig:
                  "ranks cannot be averaged)"),
             ]
         checks += [(key, False, why) for key, why in self.privacy.problems()]
-        if self.privacy.enabled and ranks:
-            checks.append(("privacy.enabled", False, "cannot be combined with "
-                           "federation.client_ranks yet (masked ranks need masked noise)"))
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} {why}, got {_get(self, key)!r}")

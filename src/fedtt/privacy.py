@@ -87,14 +87,27 @@ def clip(grads: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
 
 def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
                  max_norm: float, noise_multiplier: float, expected_batch: float,
-                 generator: torch.Generator) -> list[torch.Tensor]:
-    """Clip, sum, add N(0, (noise * max_norm)^2) and divide by the expected batch size."""
-    clipped = clip(grads, max_norm) if grads and grads[0].shape[0] else None
+                 generator: torch.Generator,
+                 masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """Clip, sum, add N(0, (noise * max_norm)^2) and divide by the expected batch size.
+
+    `masks` (one per tensor, None = all of it) confine everything to the entries a client
+    trains, such as a lower TT rank's block: gradients are masked before clipping, so the
+    clipping bound holds for what is released, and masked-out entries get no noise either.
+    """
+    masks = list(masks) if masks is not None else [None] * len(shapes)
+    if grads and grads[0].shape[0]:
+        clipped = clip([g if m is None else g * m for g, m in zip(grads, masks, strict=True)],
+                       max_norm)
+    else:
+        clipped = None
     out = []
     for i, shape in enumerate(shapes):
         summed = clipped[i].sum(0) if clipped is not None else torch.zeros(shape)
         noise = torch.normal(0.0, noise_multiplier * max_norm, size=tuple(shape),
                              generator=generator)
+        if masks[i] is not None:
+            noise = noise * masks[i]
         out.append((summed + noise) / expected_batch)
     return out
 
@@ -102,9 +115,10 @@ def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
 def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
                   params: Sequence[nn.Parameter], *, steps: int, batch_size: int, lr: float,
                   weight_decay: float, noise_multiplier: float, max_grad_norm: float,
-                  generator: torch.Generator) -> float:
+                  generator: torch.Generator,
+                  masks: Sequence[torch.Tensor | None] | None = None) -> float:
     """`steps` DP-SGD steps (AdamW on the private gradient) on `rows`; mean per-example loss
-    of the sampled batches."""
+    of the sampled batches. `masks` as in `private_grad` (entries outside stay as they are)."""
     params = list(params)
     if not rows:
         raise ValueError("cannot train on an empty partition")
@@ -126,7 +140,8 @@ def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
                 total, seen = total + loss, seen + len(picked_rows)
             noisy = private_grad(grads, [p.shape for p in params], max_norm=max_grad_norm,
                                  noise_multiplier=noise_multiplier,
-                                 expected_batch=rate * len(rows), generator=generator)
+                                 expected_batch=rate * len(rows), generator=generator,
+                                 masks=masks)
             for p, g in zip(params, noisy, strict=True):
                 p.grad = g.to(p.dtype)
             optimizer.step()

@@ -64,8 +64,6 @@ def client_rank(rt: Runtime, context: Context) -> int | None:
         return None
     if not 1 <= rank <= rt.cfg.adapter.rank:
         raise ValueError(f"tt-rank {rank} outside 1..adapter.rank = {rt.cfg.adapter.rank}")
-    if rt.cfg.privacy.enabled and rank < rt.cfg.adapter.rank:
-        raise ValueError("a lower tt-rank cannot be combined with privacy.enabled yet")
     return rank if rank < rt.cfg.adapter.rank and rt.tt_groups else None
 
 

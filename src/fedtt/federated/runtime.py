@@ -193,11 +193,14 @@ class Runtime:
         self.set_trainable(list(names) + self.local_only)
         seed = int(hashlib.sha256(f"{t.seed}/{server_round}/{partition_id}".encode())
                    .hexdigest()[:8], 16)
-        params = [self.params[n] for n in list(names) + self.local_only]
+        trained = list(names) + self.local_only
+        params = [self.params[n] for n in trained]
+        masks = self._rank_masks(rank) if rank else {}
         # Dropout draws from torch's global generator: seed it per client and round (and
         # restore it after), so results do not depend on what this process ran before.
-        hooks = [self.params[n].register_hook(lambda g, m=mask: g * m)
-                 for n, mask in (self._rank_masks(rank) if rank else {}).items()]
+        # DP-SGD masks its per-sample gradients itself; plain training masks `.grad`.
+        hooks = [] if self.cfg.privacy.enabled else [
+            self.params[n].register_hook(lambda g, m=mask: g * m) for n, mask in masks.items()]
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -208,7 +211,7 @@ class Runtime:
                         self.model, self.train_data, rows, params, steps=t.local_steps,
                         batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                         noise_multiplier=noise, max_grad_norm=self.cfg.privacy.max_grad_norm,
-                        generator=generator)
+                        generator=generator, masks=[masks.get(n) for n in trained])
                 else:
                     loss = train_local(self.model, self.train_data, rows, params,
                                        steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
