@@ -49,6 +49,22 @@ CASES = {
 }
 
 
+def crash_at(cfg, monkeypatch, crash_round):
+    """Run `cfg` in-process until it dies while recording round `crash_round`."""
+    real_round = results.Recorder.round
+
+    def crash(self, row):
+        if row["round"] == crash_round:
+            raise KeyboardInterrupt
+        real_round(self, row)
+
+    monkeypatch.setattr(results.Recorder, "round", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(cfg, quiet=True)
+    monkeypatch.setattr(results.Recorder, "round", real_round)
+    assert not (Path(cfg.output.dir) / "summary.json").exists()
+
+
 @pytest.mark.parametrize("crash_round", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch, case,
@@ -58,18 +74,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     run_inprocess(full, quiet=True)
 
     cut = tiny(tmp_path, "cut", **sets)
-    real_round = results.Recorder.round
-
-    def crash(self, row):
-        if row["round"] == crash_round:
-            raise KeyboardInterrupt  # dies while recording round `crash_round`
-        real_round(self, row)
-
-    monkeypatch.setattr(results.Recorder, "round", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_inprocess(cut, quiet=True)
-    monkeypatch.setattr(results.Recorder, "round", real_round)
-    assert not (Path(cut.output.dir) / "summary.json").exists()
+    crash_at(cut, monkeypatch, crash_round)
 
     summary = run_inprocess(cut, quiet=True, resume=True)
     assert summary["resumed_from_round"] == crash_round - 1
@@ -131,3 +136,55 @@ def test_checkpoint_is_safetensors_with_json_state(tmp_path):
     assert meta["round"] == 2 and meta["method"]["policy"]["last_trained"]
     assert {n.split("/", 1)[1] for n in names if n.startswith("global/")} == set(meta["version"])
     assert any(n.startswith("client/") for n in names)  # cross-silo clients' stored tensors
+
+
+def as_deployment_checkpoint(run_dir):
+    """Rewrite an in-process checkpoint as the Deployment Engine writes it: no client state."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(run_dir) / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["fedtt"])
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("global/")}  # noqa: SIM118
+    meta.update({"clients": {}, "engine": "deployment"})
+    save_file(tensors, str(path), metadata={"fedtt": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("sets, why", [
+    ({"privacy.enabled": True, "privacy.noise_multiplier": 1.0}, "local DP"),
+    ({"adapter.head": "keep-local"}, "never leave the clients"),
+])
+def test_resume_without_client_state_refuses_runs_that_need_it(tmp_path, monkeypatch, capsys,
+                                                                sets, why):
+    cfg = tiny(tmp_path, **sets, **{"federation.rounds": 3})
+    crash_at(cfg, monkeypatch, 2)
+    # On fresh SuperNodes: refused before any process starts.
+    assert main(["deploy", "--resume", cfg.output.dir]) == 2
+    assert why in capsys.readouterr().err
+    # In-process, from a checkpoint the Deployment Engine wrote: refused by the ServerApp.
+    as_deployment_checkpoint(cfg.output.dir)
+    assert main(["run", "--quiet", "--resume", cfg.output.dir]) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_resume_from_a_deployment_checkpoint_resends_everything_once(tmp_path, monkeypatch):
+    sets = {"method.name": "fedtt+", "federation.rounds": 4}
+    full = tiny(tmp_path, "full", **sets)
+    run_inprocess(full, quiet=True)
+    cut = tiny(tmp_path, "cut", **sets)
+    crash_at(cut, monkeypatch, 3)
+    as_deployment_checkpoint(cut.output.dir)
+    assert main(["run", "--quiet", "--resume", cut.output.dir]) == 0
+
+    rows_full, _, global_full = comparable(full.output.dir)
+    rows_cut, _, global_cut = comparable(cut.output.dir)
+    metrics = ("round", "accuracy", "loss", "upload_bytes", "clients")
+    assert [{k: r[k] for k in metrics} for r in rows_cut] == [
+        {k: r[k] for k in metrics} for r in rows_full]
+    assert all(torch.equal(global_full[n], global_cut[n]) for n in global_full)
+    # FedTT+ normally sends only what changed; clients without state get every tensor once.
+    full_payload = rows_full[1]["download_bytes"]
+    assert rows_full[3]["download_bytes"] < full_payload
+    assert rows_cut[3]["download_bytes"] == full_payload
+    assert rows_cut[4]["download_bytes"] == rows_full[4]["download_bytes"]

@@ -165,3 +165,30 @@ def test_repository_is_a_flower_app(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     fabs = list(tmp_path.glob("*.fab"))
     assert len(fabs) == 1 and fabs[0].stat().st_size < 10 * 2**20
+
+
+def test_deploy_resumes_a_killed_run_on_fresh_supernodes(tmp_path, flower_env, monkeypatch,
+                                                        capsys):
+    """`fedtt deploy --resume DIR`: the ServerApp continues from the checkpoint; the new
+    SuperNodes hold nothing, get every tensor in their first round, and the run ends where an
+    uninterrupted one does."""
+    from test_checkpoint import crash_at
+
+    from fedtt.cli import main
+
+    sets = {"method.name": "fedtt+", "federation.rounds": 3}
+    ref_rounds, _, ref_summary = inprocess_reference(tiny(tmp_path / "inprocess", **sets))
+    cut = tiny(tmp_path / "cut", **sets)
+    crash_at(cut, monkeypatch, 2)
+
+    assert main(["deploy", "--insecure", "--resume", cut.output.dir, "--timeout", "240"]) == 0
+    assert "finished:completed" in capsys.readouterr().out
+    rounds, _, summary = read_run(Path(cut.output.dir))
+    assert summary["resumed_from_round"] == 1
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    same = [k for k in EXACT if k not in ("download_bytes", "cumulative_bytes")]
+    for mine, ref in zip(rounds, ref_rounds, strict=True):
+        assert {k: mine.get(k) for k in same} == {k: ref.get(k) for k in same}
+    assert rounds[2]["download_bytes"] == rounds[1]["download_bytes"]  # everything again
+    assert rounds[2]["download_bytes"] > ref_rounds[2]["download_bytes"]
+    assert summary["final_accuracy"] == ref_summary["final_accuracy"]

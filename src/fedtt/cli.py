@@ -7,6 +7,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedtt.config import RunConfig
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -26,28 +30,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of `run`/`deploy`: from --config/--set/--out, or with --resume the
+    killed run's own config.toml, writing into that directory again."""
     from fedtt.config import ConfigError, load_config
+
+    if not args.resume:
+        overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
+        return load_config(args.config, overrides)
+    if args.config or args.overrides or args.out:
+        raise ConfigError("--resume continues a run with its own config.toml: leave out "
+                          "--config, --set and --out")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.toml").exists():
+        raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text())["status"] == "completed":
+        raise ConfigError(f"{run_dir} finished already; nothing to resume")
+    return load_config(str(run_dir / "config.toml"), [f"output.dir={json.dumps(str(run_dir))}"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from fedtt.data import format_label_table
     from fedtt.federated.inprocess import run_inprocess
     from fedtt.results import read_run
 
-    if args.resume:
-        if args.config or args.overrides or args.out:
-            raise ConfigError("--resume continues a run with its own config.toml: leave out "
-                              "--config, --set and --out")
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.toml").exists():
-            raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
-        summary_path = run_dir / "summary.json"
-        if summary_path.exists() and json.loads(summary_path.read_text())["status"] == \
-                "completed":
-            raise ConfigError(f"{run_dir} finished already; nothing to resume")
-        cfg = load_config(str(run_dir / "config.toml"),
-                          [f"output.dir={json.dumps(str(run_dir))}"])
-    else:
-        overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
-        cfg = load_config(args.config, overrides)
+    cfg = _run_config(args)
     summary = run_inprocess(cfg, quiet=args.quiet, verbose=args.verbose,
                             resume=bool(args.resume))
     out = Path(cfg.output.dir)
@@ -70,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     import tempfile
 
-    from fedtt.config import load_config
+    from fedtt.config import ConfigError
+    from fedtt.federated import checkpoint
     from fedtt.federated.deploy import (
         LocalDeployment,
         fedtt_run_config,
@@ -79,8 +88,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     )
     from fedtt.results import write_json
 
-    overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
-    cfg = load_config(args.config, overrides)
+    cfg = _run_config(args)
+    run_config = fedtt_run_config(cfg)
+    if args.resume:
+        # Fresh SuperNodes hold no client state: say now what the ServerApp would refuse.
+        try:
+            checkpoint.check_resumable(checkpoint.load(args.resume), restores_clients=False,
+                                       private=cfg.privacy.enabled,
+                                       local_only=cfg.adapter.head == "keep-local")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        run_config["fedtt-resume"] = True
     secure = not args.insecure
     with tempfile.TemporaryDirectory(prefix="fedtt-deploy-") as work:
         with LocalDeployment(work, num_nodes=cfg.federation.num_clients, tls=secure,
@@ -88,7 +106,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             print(f"SuperLink on {deployment.address} "
                   f"({'TLS + SuperNode authentication' if secure else 'insecure'}), "
                   f"{cfg.federation.num_clients} SuperNodes; running...", flush=True)
-            app = write_app_dir(Path(work) / "app", fedtt_run_config(cfg))
+            app = write_app_dir(Path(work) / "app", run_config)
             result = deployment.run(app, timeout=args.timeout)
     out = Path(cfg.output.dir).absolute()
     summary_path = out / "summary.json"
@@ -224,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP without SuperNode authentication (local trials only)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the killed run in DIR from its last checkpoint on fresh "
+                        "SuperNodes (they get every tensor again in their first round)")
     _add_overrides(p)
     p.set_defaults(func=cmd_deploy)
 

@@ -3,8 +3,9 @@
 After every recorded round the ServerApp writes `DIR/checkpoint.safetensors` atomically (a
 temporary file, then a rename). Tensors: the global tensors and, in-process, each simulated
 client's stored tensors. JSON in the file's metadata: the round, each tensor's version, what
-each client holds, the sampling RNG and the method's own state (FedTT+'s policy). Nothing is
-pickled.
+each client holds, the sampling RNG, the method's own state (FedTT+'s policy) and the engine
+that wrote it (on the Deployment Engine the clients' state lives on the SuperNodes and is not
+in the file). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def save(run_dir: str | Path, server_round: int, strategy: dict,
-         clients: dict[int, dict[str, dict[str, torch.Tensor]]]) -> Path:
-    """Write the checkpoint of `server_round` (`strategy` as `FedTTStrategy.state()`)."""
+         clients: dict[int, dict[str, dict[str, torch.Tensor]]] | None) -> Path:
+    """Write the checkpoint of `server_round` (`strategy` as `FedTTStrategy.state()`);
+    `clients` is the simulated clients' state in-process, None on the Deployment Engine."""
+    engine = "in-process" if clients is not None else "deployment"
+    clients = clients or {}
     tensors = {f"global/{n}": t.contiguous() for n, t in strategy["global"].items()}
     for node, records in clients.items():
         for key, record in records.items():
@@ -32,7 +36,8 @@ def save(run_dir: str | Path, server_round: int, strategy: dict,
             "held": strategy["held"], "node_client": strategy["node_client"],
             "rng": [version, list(state), gauss], "method": strategy["method"],
             "client_rank": strategy["client_rank"], "epsilon": strategy["epsilon"],
-            "clients": {str(node): list(records) for node, records in clients.items()}}
+            "clients": {str(node): list(records) for node, records in clients.items()},
+            "engine": engine}
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"fedtt": json.dumps(meta)})
@@ -41,7 +46,8 @@ def save(run_dir: str | Path, server_round: int, strategy: dict,
 
 
 def load(run_dir: str | Path) -> dict:
-    """{"round", "strategy" (as `FedTTStrategy.state()`), "clients"} from a run directory."""
+    """{"round", "strategy" (as `FedTTStrategy.state()`), "clients" (None when the run was
+    on the Deployment Engine)} from a run directory."""
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT}: nothing to resume (a run "
@@ -65,4 +71,21 @@ def load(run_dir: str | Path) -> dict:
         else:
             node, record, name = rest.split("/", 2)
             clients[int(node)][record][name] = tensor
-    return {"round": meta["round"], "strategy": strategy, "clients": clients}
+    kept = meta.get("engine", "in-process") == "in-process"
+    return {"round": meta["round"], "strategy": strategy, "clients": clients if kept else None}
+
+
+def check_resumable(resumed: dict, *, restores_clients: bool, private: bool,
+                    local_only: bool) -> None:
+    """Refuse a resume that would lose client state the run depends on: DP step counts (a
+    client would forget what it spent) and tensors that never leave a client."""
+    if restores_clients:
+        return
+    why = ("the run uses local DP, and each client's step count (its privacy accounting) "
+           "lives with the client" if private else
+           "some trained tensors never leave the clients (adapter.head = 'keep-local')"
+           if local_only else None)
+    if why:
+        raise ValueError(f"cannot resume round {resumed['round'] + 1} without the clients' own "
+                         f"state: {why}, and it is not in the checkpoint (runs on the "
+                         "Deployment Engine keep it on the SuperNodes). Start the run again.")

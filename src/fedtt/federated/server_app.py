@@ -80,8 +80,13 @@ def run(grid: Grid, context: Context) -> dict:
             max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data)),
         precision=cfg.federation.precision)
     if resumed:
-        strategy.load_state(resumed["strategy"], clients_kept_state=in_process)
-        if in_process:
+        # Clients' own state comes back only in-process, from an in-process checkpoint;
+        # otherwise they start empty and get every tensor again in their first round.
+        restores = in_process and resumed["clients"] is not None
+        checkpoint.check_resumable(resumed, restores_clients=restores,
+                                   private=cfg.privacy.enabled, local_only=bool(rt.local_only))
+        strategy.load_state(resumed["strategy"], clients_kept_state=restores)
+        if restores:
             grid.load_client_states(resumed["clients"])
     state = {"cumulative": recorder.rows[-1]["cumulative_bytes"] if recorder.rows else 0,
              "last": time.perf_counter()}
@@ -126,7 +131,7 @@ def run(grid: Grid, context: Context) -> dict:
 
     def after_round(server_round: int) -> None:
         checkpoint.save(recorder.dir, server_round, strategy.state(),
-                        grid.client_states() if in_process else {})
+                        grid.client_states() if in_process else None)
 
     stopped = None
     try:
