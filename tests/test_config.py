@@ -74,3 +74,16 @@ def test_cross_device_sample_size():
     cfg = load_config(None, ['federation.mode="cross-device"', "federation.num_clients=1000"])
     assert cfg.clients_per_round() == 100
     assert RunConfig().clients_per_round() == 3
+
+
+def test_version_names_fedtt_and_the_stack_it_runs_on(capsys):
+    import importlib.metadata as md
+
+    from fedtt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"fedtt {md.version('fedtt')} (")
+    assert f"torch {md.version('torch')}" in out and f"flwr {md.version('flwr')}" in out

@@ -214,6 +214,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtt", description="Federated fine-tuning with tensor-train adapters.")
+    from fedtt.results import versions
+
+    found = versions()
+    parser.add_argument("--version", action="version", version=f"fedtt {found.pop('fedtt')} ("
+                        + ", ".join(f"{k} {v}" for k, v in found.items()) + ")")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="trainable parameters and bytes per round, per method")
