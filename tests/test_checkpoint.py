@@ -161,7 +161,9 @@ def test_resume_without_client_state_refuses_runs_that_need_it(tmp_path, monkeyp
     crash_at(cfg, monkeypatch, 2)
     # On fresh SuperNodes: refused before any process starts.
     assert main(["deploy", "--resume", cfg.output.dir]) == 2
-    assert why in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert why in err
+    assert ("secure_mode is off" in err) == ("privacy.enabled" in sets)
     # In-process, from a checkpoint the Deployment Engine wrote: refused by the ServerApp.
     as_deployment_checkpoint(cfg.output.dir)
     assert main(["run", "--quiet", "--resume", cfg.output.dir]) == 2

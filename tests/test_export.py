@@ -58,6 +58,19 @@ def test_tt_adapters_refuse_to_merge_and_say_why(tmp_path, capsys):
     assert main(["export", cfg.output.dir, "--out", str(tmp_path / "m"), "--merge"]) == 2
     err = capsys.readouterr().err
     assert "cannot be merged" in err and "bottleneck" in err
+    assert not (tmp_path / "m").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("name, content", [
+    ("in.csv", 'text\nNA\nNone\n007\n1.50\n""\n'),
+    ("in.jsonl", "\n".join(json.dumps({"text": t}) for t in
+                            ["NA", "None", "007", "1.50", ""]) + "\n"),
+])
+def test_read_texts_keeps_each_text_as_written(tmp_path, name, content):
+    from fedtt.cli import read_texts
+
+    (tmp_path / name).write_text(content)
+    assert read_texts(tmp_path / name, "text") == ["NA", "None", "007", "1.50", ""]
 
 
 def test_keep_local_head_has_no_global_model(tmp_path):

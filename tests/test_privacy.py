@@ -178,13 +178,24 @@ def test_every_method_trains_privately_and_clipping_holds(tmp_path, monkeypatch,
 
 
 def test_same_seed_same_run_different_seed_differs(tmp_path):
-    def run(name, seed):
-        cfg = tiny(tmp_path, name, **DP, **{"training.seed": seed, "federation.rounds": 2})
-        run_inprocess(cfg, quiet=True)
-        return [(r["loss"], r["train_loss"]) for r in read(cfg.output.dir)[0]]
+    from safetensors.torch import load_file
 
-    a, b, c = run("a", 1), run("b", 1), run("c", 2)
-    assert a == b and a != c
+    def run(name, seed, secure=False):
+        cfg = tiny(tmp_path, name, **DP, **{"training.seed": seed, "federation.rounds": 2,
+                                            "privacy.secure_mode": secure})
+        run_inprocess(cfg, quiet=True)
+        rounds = read(cfg.output.dir)[0]
+        # The loss of private rows never leaves a client un-noised.
+        assert all(r["train_loss"] is None for r in rounds)
+        final = load_file(f"{cfg.output.dir}/global.safetensors")
+        return [r["loss"] for r in rounds], torch.cat([t.flatten() for t in final.values()])
+
+    (la, ta), (lb, tb), (lc, tc) = run("a", 1), run("b", 1), run("c", 2)
+    assert la == lb and torch.equal(ta, tb)
+    assert la != lc and not torch.equal(ta, tc)
+    # secure_mode: the noise seed comes from the OS, so the same seed no longer repeats.
+    (_, sa), (_, sb) = run("s1", 1, secure=True), run("s2", 1, secure=True)
+    assert not torch.equal(sa, sb) and not torch.equal(sa, ta)
 
 
 def test_privacy_config_errors_name_the_key(tmp_path):

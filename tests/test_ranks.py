@@ -83,6 +83,21 @@ def test_a_low_rank_client_keeps_its_padding_zero_while_training(tmp_path, priva
         assert max(sent[c].shape[2] for c in cores) <= 2
 
 
+def test_a_rank_above_what_small_modes_allow_counts_as_the_full_rank(tmp_path):
+    # With tiny dimensions the cores cannot reach adapter.rank: a client asking for more
+    # than they have holds the whole adapter, and is aggregated like one.
+    cfg = tiny(tmp_path, **{**RANKS, "adapter.rank": 64, "federation.client_ranks": [40, 64, 3],
+                            "federation.rounds": 2})
+    rt = Runtime(cfg)
+    top = max(rt.params[c].shape[2] for cores in rt.tt_groups.values() for c in cores)
+    assert 3 < top < 40
+    run_inprocess(cfg, quiet=True)
+    rounds, ledger, _ = read(cfg.output.dir)
+    assert all(r["rejected"] == [] and sorted(r["clients"]) == [0, 1, 2] for r in rounds[1:])
+    assert core_bytes(ledger, 0, 2, "up") == core_bytes(ledger, 1, 2, "up")
+    assert core_bytes(ledger, 2, 2, "up") < core_bytes(ledger, 0, 2, "up")
+
+
 def test_ranks_under_dp_upload_their_own_rank_and_account_epsilon(tmp_path):
     dp = {"privacy.enabled": True, "privacy.noise_multiplier": 0.8, "federation.rounds": 2}
     cfg = tiny(tmp_path, **RANKS, **dp)

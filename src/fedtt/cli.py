@@ -31,8 +31,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig of `run`/`deploy`: from --config/--set/--out, or with --resume the
-    killed run's own config.toml, writing into that directory again."""
+    """The RunConfig of `run`/`deploy` (see `_load_run_config`), with a note when DP runs
+    reproducibly, i.e. with noise the server could regenerate."""
+    cfg = _load_run_config(args)
+    if cfg.privacy.enabled and not cfg.privacy.secure_mode:
+        print("fedtt: note: privacy.secure_mode is off, so each client's noise comes from "
+              "training.seed, which the server knows: fine for experiments, but set "
+              "privacy.secure_mode = true before training on data that needs the guarantee.",
+              file=sys.stderr)
+    return cfg
+
+
+def _load_run_config(args: argparse.Namespace) -> RunConfig:
+    """From --config/--set/--out, or with --resume the killed run's own config.toml,
+    writing into that directory again."""
     from fedtt.config import ConfigError, load_config
 
     if not args.resume:
@@ -176,7 +188,10 @@ def read_texts(path: Path, column: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True),
+    # Every cell as written: no NA markers, no numbers ("007" stays "007"), no dates.
+    readers = {".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False,
+                                                convert_dates=False),
                ".parquet": pd.read_parquet}
     if suffix not in readers:
         raise ValueError(f"{path}: use .txt, .csv, .jsonl or .parquet")

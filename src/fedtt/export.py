@@ -73,18 +73,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
     """Write the run's final model to `out` (see the module docstring); returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
     cfg, labels, model = _run_model(run_dir)
+    if merge and cfg.method.name not in MERGEABLE:
+        raise ValueError(
+            f"{cfg.method.name} cannot be merged: a TT adapter is a bottleneck "
+            "x + up(relu(down(x))) inserted after a block, not a change of a weight "
+            "matrix, so no plain model computes the same function. Export without "
+            "--merge (adapters plus a loader: fedtt predict reads them).")
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "merged" if merge else "adapters", "model": cfg.model.name,
                 "method": cfg.method.name, "seed": cfg.training.seed, "label_names": labels,
                 "max_length": cfg.model.max_length, "run": str(run_dir.resolve()),
                 "config": to_toml(cfg)}
     if merge:
-        if cfg.method.name not in MERGEABLE:
-            raise ValueError(
-                f"{cfg.method.name} cannot be merged: a TT adapter is a bottleneck "
-                "x + up(relu(down(x))) inserted after a block, not a change of a weight "
-                "matrix, so no plain model computes the same function. Export without "
-                "--merge (adapters plus a loader: fedtt predict reads them).")
         plain = model.merge_and_unload()
         plain.config.id2label = dict(enumerate(labels))
         plain.config.label2id = {name: i for i, name in enumerate(labels)}

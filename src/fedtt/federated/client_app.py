@@ -64,7 +64,11 @@ def client_rank(rt: Runtime, context: Context) -> int | None:
         return None
     if not 1 <= rank <= rt.cfg.adapter.rank:
         raise ValueError(f"tt-rank {rank} outside 1..adapter.rank = {rt.cfg.adapter.rank}")
-    return rank if rank < rt.cfg.adapter.rank and rt.tt_groups else None
+    # Small modes can cap a TT layer's ranks below adapter.rank: at or above the largest
+    # rank the cores really have, the client holds the whole adapter.
+    full = max((rt.params[c].shape[2] for cores in rt.tt_groups.values() for c in cores),
+               default=0)
+    return rank if rank < full else None
 
 
 @app.train()
@@ -89,8 +93,9 @@ def train(message: Message, context: Context) -> Message:
         trained = rt.snapshot(names)
         trained = wire.to_record(rt.at_rank(trained, rank) if rank else trained,
                                  rt.cfg.federation.precision)
-    metrics = {"num-examples": examples, "train_loss": loss, "partition-id": pid,
-               "train_seconds": seconds}
+    metrics = {"num-examples": examples, "partition-id": pid, "train_seconds": seconds}
+    if not dp:  # under DP the raw loss of private rows would leave un-noised: keep it here
+        metrics["train_loss"] = loss
     if rank:
         metrics["tt-rank"] = rank
     metrics.update(dp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -207,6 +208,8 @@ class Runtime:
                 generator = torch.Generator().manual_seed(seed)
                 if self.cfg.privacy.enabled:
                     _, noise, _ = self.privacy_plan(partition_id)
+                    if self.cfg.privacy.secure_mode:  # a seed the server cannot know
+                        generator = torch.Generator().manual_seed(secrets.randbits(63))
                     loss = privacy.train_private(
                         self.model, self.train_data, rows, params, steps=t.local_steps,
                         batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,

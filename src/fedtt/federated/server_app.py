@@ -62,6 +62,12 @@ def run(grid: Grid, context: Context) -> dict:
     cfg = rt.cfg
     in_process = isinstance(grid, InProcessGrid)
     resumed = checkpoint.load(cfg.output.dir) if context.run_config.get("fedtt-resume") else None
+    # Clients' own state comes back only in-process, from an in-process checkpoint;
+    # otherwise they start empty and get every tensor again in their first round.
+    restores = resumed is not None and in_process and resumed["clients"] is not None
+    if resumed:
+        checkpoint.check_resumable(resumed, restores_clients=restores,
+                                   private=cfg.privacy.enabled, local_only=bool(rt.local_only))
     progress = tqdm(total=cfg.federation.rounds, desc=f"{rt.method.name} rounds",
                     initial=resumed["round"] if resumed else 0,
                     disable=not context.run_config.get("fedtt-progress", False), file=sys.stderr)
@@ -80,11 +86,6 @@ def run(grid: Grid, context: Context) -> dict:
             max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data)),
         precision=cfg.federation.precision)
     if resumed:
-        # Clients' own state comes back only in-process, from an in-process checkpoint;
-        # otherwise they start empty and get every tensor again in their first round.
-        restores = in_process and resumed["clients"] is not None
-        checkpoint.check_resumable(resumed, restores_clients=restores,
-                                   private=cfg.privacy.enabled, local_only=bool(rt.local_only))
         strategy.load_state(resumed["strategy"], clients_kept_state=restores)
         if restores:
             grid.load_client_states(resumed["clients"])

@@ -269,12 +269,14 @@ class FedTTStrategy(FedAvg):
         self._arrays = {k: a for k, a in self._arrays.items() if k[0] not in new}
         self._rounded.clear()
         stats["aggregate_seconds"] = time.perf_counter() - agg_start
-        total = sum(a.examples for a in accepted)
-        stats["train_loss"] = sum(a.metrics.get("train_loss", 0.0) * a.examples
-                                  for a in accepted) / total
+        losses = [(a.metrics["train_loss"], a.examples) for a in accepted
+                  if "train_loss" in a.metrics]  # (DP clients do not report it)
+        if losses:
+            stats["train_loss"] = (sum(v * n for v, n in losses)
+                                   / sum(n for _, n in losses))
         stats.update(method_metrics)
-        return self.global_record(), MetricRecord({"train_loss": stats["train_loss"],
-                                                   **method_metrics})
+        return self.global_record(), MetricRecord(
+            {k: stats[k] for k in ("train_loss",) if k in stats} | method_metrics)
 
     def _screen(self, server_round: int, replies: list[Message],
                 asked: list[int]) -> list[Accepted]:
