@@ -246,15 +246,16 @@ def _clients(res: dict[str, dict]) -> list[str]:
 
 def _cross_device(res: dict[str, dict]) -> list[str]:
     """IID against label skew for each method, and what the comparison says."""
-    out, skewed_flat, iid_learnt = [], [], []
+    out, skewed_runs, iid_learnt = [], [], []
+    chance = 0.0
     for m in METHODS:
         iid, skew = (res.get(f"cross-device/movie-reviews-{m}-{s}") for s in ("iid", "a0.5"))
         if not (iid and skew):
             continue
         chance = 100 * iid["majority_share"]
-        a_iid, a_skew = 100 * iid["final_accuracy_mean"], 100 * skew["final_accuracy_mean"]
-        skewed_flat.append(a_skew < chance + 3)
-        iid_learnt.append(a_iid >= chance + 3)
+        skewed_runs += [(100 * r["summary"]["final_accuracy"], m, r["seed"])
+                        for r in skew["runs"]]
+        iid_learnt.append(100 * iid["final_accuracy_mean"] >= chance + 3)
         if not out:
             f, t = iid["config"]["federation"], iid["config"]["training"]
             rows = [sum(c) for c in iid["runs"][0]["client_label_counts"]]
@@ -263,11 +264,15 @@ def _cross_device(res: dict[str, dict]) -> list[str]:
                     f"{min(rows)}–{max(rows)} training rows each.", ""]
         out.append(f"- {m}: IID {acc(iid)}, Dirichlet α=0.5 {acc(skew)}; uploads "
                    f"{kb(iid['upload_bytes_per_client_round'])} KB per client per round.")
-    if out and all(skewed_flat) and all(iid_learnt):
-        out.append("- The same runs learn on IID clients and stay at the majority class under "
-                   "label skew, for every method: the skew, not the sampling of stateless "
-                   "clients, is what stops them within this budget (the cross-silo α=0.1 cells "
-                   "of movie reviews read the same).")
+    flat = [a < chance + 3 for a, _, _ in skewed_runs]
+    if out and all(iid_learnt) and sum(flat) > len(flat) / 2:
+        best = max(skewed_runs)
+        out.append(f"- Under Dirichlet α=0.5, {sum(flat)} of {len(flat)} runs end within 3 "
+                   f"points of the majority class ({chance:.1f}%); the best is {best[1]} "
+                   f"seed {best[2]} at {best[0]:.1f}%. The IID runs differ only in the "
+                   "partition and every method learns there, so the label skew, not the "
+                   "sampling of stateless clients, is what holds these runs back within this "
+                   "budget (the cross-silo α=0.1 cells of movie reviews read the same).")
     return [*out, ""] if out else []
 
 
