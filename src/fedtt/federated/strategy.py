@@ -275,8 +275,10 @@ class FedTTStrategy(FedAvg):
             stats["train_loss"] = (sum(v * n for v, n in losses)
                                    / sum(n for _, n in losses))
         stats.update(method_metrics)
-        return self.global_record(), MetricRecord(
-            {k: stats[k] for k in ("train_loss",) if k in stats} | method_metrics)
+        reply = dict(method_metrics)
+        if losses:
+            reply["train_loss"] = stats["train_loss"]
+        return self.global_record(), MetricRecord(reply)
 
     def _screen(self, server_round: int, replies: list[Message],
                 asked: list[int]) -> list[Accepted]:
