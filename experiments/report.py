@@ -407,10 +407,12 @@ def why_privacy(get: Callable[[str, str], dict | None]) -> list[str]:
             + (f" Every step is mostly noise, and {steps} steps do not average it out: the "
                f"accuracy ({acc(r)}) is that of the majority class."
                if 100 * r["final_accuracy_mean"] < chance + 3 else ""))
-    out += ["- What would let DP learn here: more rows per client or a larger expected batch "
-            "(the signal grows with the batch, the noise does not), fewer trainable parameters "
-            "(the noise grows with √d, one reason FedTT's and FedTT+'s small payload matters "
-            "under DP), and a milder label skew.", ""]
+    out += ["- What the arithmetic asks for: a clipped signal of the order of the noise norm, "
+            "i.e. an expected batch of the order of σ·√d rows per step (the signal grows with "
+            "the batch, the noise does not), which needs far more rows per client than these; "
+            "fewer parameters that travel (the noise grows with √d: one reason FedTT's and "
+            "FedTT+'s small payloads matter under DP); and a milder label skew. None of these "
+            "was tried within this budget.", ""]
     return out
 
 
