@@ -411,8 +411,8 @@ def why_privacy(get: Callable[[str, str], dict | None]) -> list[str]:
             "i.e. an expected batch of the order of σ·√d rows per step (the signal grows with "
             "the batch, the noise does not), which needs far more rows per client than these; "
             "fewer parameters that travel (the noise grows with √d: one reason FedTT's and "
-            "FedTT+'s small payloads matter under DP); and a milder label skew. None of these "
-            "was tried within this budget.", ""]
+            "FedTT+'s small payloads matter under DP); and a milder label skew. No run in this "
+            "experiment set tests these remedies.", ""]
     return out
 
 
