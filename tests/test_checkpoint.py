@@ -124,6 +124,15 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_resuming_drops_a_stopped_runs_summary(tmp_path):
+    cfg = tiny(tmp_path, **{"federation.rounds": 2})
+    run_inprocess(cfg, quiet=True)
+    out = Path(cfg.output.dir)
+    results.Recorder(out, to_toml(cfg), resume_round=1).close()
+    assert not (out / "summary.json").exists()
+    assert [r["round"] for r in results.read_rounds(out)] == [0, 1]
+
+
 def test_checkpoint_is_safetensors_with_json_state(tmp_path):
     from safetensors import safe_open
 

@@ -192,3 +192,9 @@ def test_deploy_resumes_a_killed_run_on_fresh_supernodes(tmp_path, flower_env, m
     assert rounds[2]["download_bytes"] == rounds[1]["download_bytes"]  # everything again
     assert rounds[2]["download_bytes"] > ref_rounds[2]["download_bytes"]
     assert summary["final_accuracy"] == ref_summary["final_accuracy"]
+    # Flower's counts cover this run only: they are set against the rounds it made.
+    traffic = summary["flower_traffic"]
+    assert traffic["rounds"] == [2, 3]
+    assert traffic["ledger"]["total_bytes"] == sum(
+        r["upload_bytes"] + r["download_bytes"] for r in rounds[2:])
+    assert traffic["overhead_ratio"] > 1.0

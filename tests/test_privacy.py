@@ -198,6 +198,45 @@ def test_same_seed_same_run_different_seed_differs(tmp_path):
     assert not torch.equal(sa, sb) and not torch.equal(sa, ta)
 
 
+def test_secure_random_draws_are_uniform_and_gaussian_and_seedless():
+    rng = privacy.SecureRandom()
+    u = rng.rand(200_000)
+    assert u.dtype == torch.float64 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    z = rng.normal(2.0, (400, 500))
+    assert z.shape == (400, 500) and z.dtype == torch.float32
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 2.0) < 0.02
+    assert abs(float((z.abs() < 2.0).float().mean()) - 0.6827) < 0.005  # within one std
+    torch.manual_seed(0)
+    a = rng.normal(1.0, (8,))
+    torch.manual_seed(0)
+    assert not torch.equal(a, rng.normal(1.0, (8,)))  # no seed reaches it
+    # Poisson sampling on it keeps each row with the given rate.
+    kept = [len(b) for b in privacy.poisson_batches(10_000, 0.05, 20, rng)]
+    assert len(kept) == 20 and abs(sum(kept) / 20 - 500) < 30
+
+
+def test_secure_mode_draws_sample_and_noise_from_the_os(tmp_path, monkeypatch):
+    calls = {"rand": 0, "normal": 0}
+    real_rand, real_normal = privacy.SecureRandom.rand, privacy.SecureRandom.normal
+
+    def rand(self, n):
+        calls["rand"] += 1
+        return real_rand(self, n)
+
+    def normal(self, std, shape):
+        calls["normal"] += 1
+        return real_normal(self, std, shape)
+
+    monkeypatch.setattr(privacy.SecureRandom, "rand", rand)
+    monkeypatch.setattr(privacy.SecureRandom, "normal", normal)
+    cfg = tiny(tmp_path, **DP, **{"federation.rounds": 1, "privacy.secure_mode": True})
+    run_inprocess(cfg, quiet=True)
+    steps = cfg.federation.num_clients * cfg.training.local_steps
+    assert calls["normal"] >= steps  # one noise draw per trained tensor per step
+    assert calls["rand"] >= steps + 2 * calls["normal"]  # a sample per step, 2 per normal
+
+
 def test_privacy_config_errors_name_the_key(tmp_path):
     from fedtt.config import ConfigError
 

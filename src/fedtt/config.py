@@ -121,10 +121,11 @@ class PrivacyConfig:
         "help": "Clip each per-sample gradient (all trained tensors together) to this norm."})
     accountant: str = field(default="rdp", metadata={"help": "rdp or prv (Opacus)."})
     secure_mode: bool = field(default=False, metadata={
-        "help": "Draw each client's Poisson sample and noise from a seed it takes from the "
-                "OS (os.urandom) instead of one derived from training.seed, which the server "
-                "knows. Off: runs are reproducible (for experiments). On: needed for the "
-                "guarantee to hold against the server; runs are no longer reproducible."})
+        "help": "Draw each client's Poisson sample and noise from the OS's cryptographic "
+                "generator (os.urandom) instead of a generator seeded from training.seed, "
+                "which the server knows. Off: runs are reproducible (for experiments). On: "
+                "needed for the guarantee to hold against the server; runs are no longer "
+                "reproducible."})
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for an enabled config that cannot run."""

@@ -8,11 +8,17 @@ by Opacus' `UniformWithReplacementSampler`), per-sample gradients from Opacus'
 by the expected batch size q * rows, then an AdamW step. Nothing leaves a client unnoised, so
 no trusted server is needed. The client counts its own steps over every round it takes part
 in, and the epsilon it reports is Opacus' accountant (RDP, or PRV) over (noise, q, steps).
+
+The sample and the noise come from a seeded torch generator (reproducible runs), or with
+`privacy.secure_mode` from `SecureRandom`, the OS's cryptographic generator: a seeded one
+would let anyone who knows the seed regenerate the noise and subtract it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import os
+from collections.abc import Iterable, Sequence
 
 import torch
 from opacus import GradSampleModule
@@ -24,6 +30,41 @@ from torch.nn import functional as F
 
 from fedtt.config import PrivacyConfig
 from fedtt.train import Encoded
+
+
+class SecureRandom:
+    """Uniform and Gaussian draws from `os.urandom` (the OS's CSPRNG), with no seed to know."""
+
+    def rand(self, n: int) -> torch.Tensor:
+        """`n` uniforms in [0, 1), 53 random bits each (float64)."""
+        words = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else \
+            torch.empty(0, dtype=torch.int64)
+        return ((words >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+    def normal(self, std: float, shape: Sequence[int]) -> torch.Tensor:
+        """N(0, std^2) of `shape` (float32), by Box-Muller from two uniforms per value."""
+        n = math.prod(shape)
+        u1, u2 = self.rand(n), self.rand(n)
+        z = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2.0 * math.pi * u2)
+        return (std * z).float().reshape(tuple(shape))
+
+
+Rng = torch.Generator | SecureRandom
+
+
+def _normal(std: float, shape: Sequence[int], rng: Rng) -> torch.Tensor:
+    if isinstance(rng, SecureRandom):
+        return rng.normal(std, shape)
+    return torch.normal(0.0, std, size=tuple(shape), generator=rng)
+
+
+def poisson_batches(rows: int, rate: float, steps: int, rng: Rng) -> Iterable[list[int]]:
+    """`steps` Poisson samples of range(rows), each index kept with probability `rate`:
+    Opacus' sampler for a torch generator, the same rule on `SecureRandom` draws."""
+    if not isinstance(rng, SecureRandom):
+        return UniformWithReplacementSampler(num_samples=rows, sample_rate=rate,
+                                             generator=rng, steps=steps)
+    return ((rng.rand(rows) < rate).nonzero().flatten().tolist() for _ in range(steps))
 
 
 class BudgetSpent(RuntimeError):
@@ -87,7 +128,7 @@ def clip(grads: Sequence[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
 
 def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
                  max_norm: float, noise_multiplier: float, expected_batch: float,
-                 generator: torch.Generator,
+                 generator: Rng,
                  masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Clip, sum, add N(0, (noise * max_norm)^2) and divide by the expected batch size.
 
@@ -104,8 +145,7 @@ def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
     out = []
     for i, shape in enumerate(shapes):
         summed = clipped[i].sum(0) if clipped is not None else torch.zeros(shape)
-        noise = torch.normal(0.0, noise_multiplier * max_norm, size=tuple(shape),
-                             generator=generator)
+        noise = _normal(noise_multiplier * max_norm, shape, generator)
         if masks[i] is not None:
             noise = noise * masks[i]
         out.append((summed + noise) / expected_batch)
@@ -115,7 +155,7 @@ def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
 def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
                   params: Sequence[nn.Parameter], *, steps: int, batch_size: int, lr: float,
                   weight_decay: float, noise_multiplier: float, max_grad_norm: float,
-                  generator: torch.Generator,
+                  generator: Rng,
                   masks: Sequence[torch.Tensor | None] | None = None) -> float:
     """`steps` DP-SGD steps (AdamW on the private gradient) on `rows`; mean per-example loss
     of the sampled batches. `masks` as in `private_grad` (entries outside stay as they are)."""
@@ -125,8 +165,7 @@ def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
     rate = sample_rate(batch_size, len(rows))
     rows_t = torch.as_tensor(list(rows), dtype=torch.long)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sampler = UniformWithReplacementSampler(num_samples=len(rows), sample_rate=rate,
-                                            generator=generator, steps=steps)
+    sampler = poisson_batches(len(rows), rate, steps, generator)
     model.train()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
     total, seen = 0.0, 0

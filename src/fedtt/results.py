@@ -31,6 +31,7 @@ class Recorder:
         (self.dir / "config.toml").write_text(config_toml)
         self.rows: list[dict] = []
         if resume_round is not None:
+            (self.dir / "summary.json").unlink(missing_ok=True)  # a stopped run's, now stale
             _keep_lines(self.dir / "rounds.jsonl", resume_round)
             _keep_lines(self.dir / "ledger.jsonl", resume_round)
             self.rows = read_rounds(self.dir)

@@ -71,7 +71,10 @@ def load(run_dir: str | Path) -> dict:
         else:
             node, record, name = rest.split("/", 2)
             clients[int(node)][record][name] = tensor
-    kept = meta.get("engine", "in-process") == "in-process"
+    # (Checkpoints older than the "engine" key: one without client state came from a
+    # deployment, or from stateless clients, for which a resync changes nothing.)
+    engine = meta.get("engine", "in-process" if meta["clients"] else "deployment")
+    kept = engine == "in-process"
     return {"round": meta["round"], "strategy": strategy, "clients": clients if kept else None}
 
 

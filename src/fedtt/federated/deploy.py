@@ -322,13 +322,18 @@ def traffic_report(run_dir: str | Path, result: RunResult) -> dict[str, Any]:
     sent (uploads), `outbound` what they received (downloads). The ledger counts tensor
     payload (4 bytes per float32 value). The ratio is Flower's framing per tensor (object
     ids, trees, metadata, the message config) on top of the payload: large for many tiny
-    tensors, near 1 for large ones.
+    tensors, near 1 for large ones. After `--resume`, only the rounds this Flower run made
+    (those after `resumed_from_round` in summary.json) are set against its counts.
     """
-    rounds = read_rounds(run_dir)
+    summary = Path(run_dir) / "summary.json"
+    after = (json.loads(summary.read_text()).get("resumed_from_round")
+             if summary.exists() else None)
+    rounds = [r for r in read_rounds(run_dir) if after is None or r["round"] > after]
     up = sum(int(r.get("upload_bytes", 0)) for r in rounds)
     down = sum(int(r.get("download_bytes", 0)) for r in rounds)
     return {
         "run_id": result.run_id,
+        "rounds": [r["round"] for r in rounds],
         "flower": {"inbound_bytes": result.inbound_bytes,
                    "outbound_bytes": result.outbound_bytes,
                    "total_bytes": result.total_bytes},

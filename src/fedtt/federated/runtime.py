@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -208,13 +207,13 @@ class Runtime:
                 generator = torch.Generator().manual_seed(seed)
                 if self.cfg.privacy.enabled:
                     _, noise, _ = self.privacy_plan(partition_id)
-                    if self.cfg.privacy.secure_mode:  # a seed the server cannot know
-                        generator = torch.Generator().manual_seed(secrets.randbits(63))
                     loss = privacy.train_private(
                         self.model, self.train_data, rows, params, steps=t.local_steps,
                         batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                         noise_multiplier=noise, max_grad_norm=self.cfg.privacy.max_grad_norm,
-                        generator=generator, masks=[masks.get(n) for n in trained])
+                        generator=(privacy.SecureRandom() if self.cfg.privacy.secure_mode
+                                   else generator),
+                        masks=[masks.get(n) for n in trained])
                 else:
                     loss = train_local(self.model, self.train_data, rows, params,
                                        steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
