@@ -64,11 +64,8 @@ def client_rank(rt: Runtime, context: Context) -> int | None:
         return None
     if not 1 <= rank <= rt.cfg.adapter.rank:
         raise ValueError(f"tt-rank {rank} outside 1..adapter.rank = {rt.cfg.adapter.rank}")
-    # Small modes can cap a TT layer's ranks below adapter.rank: at or above the largest
-    # rank the cores really have, the client holds the whole adapter.
-    full = max((rt.params[c].shape[2] for cores in rt.tt_groups.values() for c in cores),
-               default=0)
-    return rank if rank < full else None
+    # At or above the largest rank the cores really have, it holds the whole adapter.
+    return rank if rank < rt.tt_rank else None
 
 
 @app.train()

@@ -19,7 +19,7 @@ import torch
 from fedtt import data as fdata
 from fedtt import privacy, tt
 from fedtt.config import RunConfig, apply
-from fedtt.methods import core_groups, make_method
+from fedtt.methods import core_groups, largest_core_rank, make_method
 from fedtt.models import load_model, load_tokenizer
 from fedtt.train import Encoded, encode, evaluate, train_local
 
@@ -106,6 +106,7 @@ class Runtime:
         self.local_only = [n for n in self.trainable if n not in set(self.sent)]
         self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
         self.tt_groups = core_groups(self.sent)  # TT layer -> its travelling cores
+        self.tt_rank = largest_core_rank({n: self.params[n] for n in self.sent})
         self._privacy: dict[int, tuple[float, float, int]] = {}
         # Whoever uses the shared model (a client's restore-train-snapshot, the server's
         # evaluation) holds this lock and loads a complete state first, so a client abandoned
@@ -150,13 +151,11 @@ class Runtime:
         return out
 
     def _rank_masks(self, rank: int) -> dict[str, torch.Tensor]:
+        """1 inside each core's rank-`rank` block, 0 in the padding around it."""
         masks = {}
         for cores in self.tt_groups.values():
             ones = tt.slice_cores([torch.ones_like(self.params[c]) for c in cores], rank)
-            for c, block in zip(cores, ones, strict=True):
-                mask = torch.zeros_like(self.params[c])
-                mask[tuple(slice(0, d) for d in block.shape)] = 1.0
-                masks[c] = mask
+            masks.update(zip(cores, tt.pad_cores(ones, self.cfg.adapter.rank), strict=True))
         return masks
 
     def snapshot(self, names: Sequence[str]) -> dict[str, torch.Tensor]:

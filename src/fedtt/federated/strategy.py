@@ -42,7 +42,7 @@ from flwr.supercore import log
 from fedtt import tt
 from fedtt.federated import wire
 from fedtt.federated.validate import Rejected, ReplyRules, check_train_reply, clip_update
-from fedtt.methods import Method, core_groups
+from fedtt.methods import Method, core_groups, largest_core_rank
 
 LedgerSink = Callable[[list[dict]], None]
 
@@ -71,7 +71,7 @@ class FedTTStrategy(FedAvg):
         # and get each TT layer rounded to it (TT-SVD, computed once per rank and version).
         self.groups = core_groups(self.sent)
         self.core_layer = {c: layer for layer, cores in self.groups.items() for c in cores}
-        self.full_rank = max((self.global_state[c].shape[2] for c in self.core_layer), default=0)
+        self.full_rank = largest_core_rank(self.global_state)
         self.accepts_ranks = method.name == "fedtt" and method.cfg.aggregation == "exact"
         self.client_rank: dict[int, int] = {}
         self.epsilon: dict[int, float] = {}  # client -> epsilon it last reported (local DP)

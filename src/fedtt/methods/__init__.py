@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fedtt.adapters import AdapterConfig
 from fedtt.methods.base import Method, MethodConfig, fedavg
-from fedtt.methods.fedtt import FedTT, FedTTPlus, FreezePolicy, core_groups
+from fedtt.methods.fedtt import FedTT, FedTTPlus, FreezePolicy, core_groups, largest_core_rank
 from fedtt.methods.lora import FFALoRA, LoRA
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FedTT, FedTTPlus, LoRA, FFALoRA)}
@@ -17,4 +17,4 @@ def make_method(cfg: MethodConfig, adapter: AdapterConfig) -> Method:
 
 
 __all__ = ["METHODS", "FFALoRA", "FedTT", "FedTTPlus", "FreezePolicy", "LoRA", "Method",
-           "MethodConfig", "core_groups", "fedavg", "make_method"]
+           "MethodConfig", "core_groups", "fedavg", "largest_core_rank", "make_method"]

@@ -31,6 +31,13 @@ def core_groups(names: Sequence[str]) -> dict[str, list[str]]:
     return {layer: [idx[i] for i in sorted(idx)] for layer, idx in groups.items()}
 
 
+def largest_core_rank(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The largest TT rank the given cores really have (0 if there are none): small modes can
+    cap a layer's ranks below adapter.rank."""
+    return max((tensors[c].shape[2] for cores in core_groups(list(tensors)).values()
+                for c in cores), default=0)
+
+
 class FedTT(Method):
     """TT adapters (plus norms and head, as configured); FedAvg of every travelling tensor."""
 
