@@ -7,6 +7,15 @@
 2. Whole in-process runs (tiny LLaMA, 3 clients, 3 rounds) with one client that raises, one
    that hangs past the timeout, and clients too few for `min_replies`: whether each run
    completed or stopped as it should.
+3. Poisoning: one of three clients replies with finite values of +-5000 every round; test
+   accuracy of the clean run, the poisoned run with the default defence (each update clipped
+   to 2x the round's median update norm) and with it turned off.
+4. Replies out of place, through the real aggregation path: a second reply from one node, a
+   round-1 reply replayed in round 2, a reply from a node not asked, two nodes claiming one
+   partition, an inflated example count, out-of-range metrics: rejected, global intact.
+5. Checks run as tests (their pytest outcome is recorded here): tampered and broken
+   checkpoints refused before any file changes (tests/test_hardening.py), and SIGTERM/SIGINT
+   on `fedtt deploy` leaving no process or key behind (tests/test_deployment.py).
 
 Writes docs/robustness.md and benchmarks/results/robustness.json.
 Run: python benchmarks/robustness.py [--seeds 60]
@@ -17,18 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.clientapp import ClientApp
 
 from fedtt.config import load_config
 from fedtt.federated import client_app as default_client
-from fedtt.federated.faults import MUTATIONS, Harness
+from fedtt.federated.faults import MUTATIONS, Harness, poisoning_app
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.federated.strategy import RoundFailed
+from fedtt.federated.strategy import RoundFailed, Safeguards
 from fedtt.results import read_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +116,98 @@ def scenarios(tmp: str) -> list[dict]:
     return out
 
 
-def write_markdown(fz: dict, sc: list[dict], seeds: int) -> str:
+def poisoning(tmp: str) -> list[dict]:
+    """Final accuracy with one client sending +-5000, with and without the default bound."""
+    base = {"model.name": "arch:tiny-llama", "model.max_length": 16, "data.task": "synthetic",
+            "data.partition": "iid", "data.max_train_examples": 96,
+            "data.max_test_examples": 64, "federation.rounds": 4, "training.local_steps": 6,
+            "training.batch_size": 8, "training.lr": 0.01, "output.plots": False}
+    cases = [("clean", {}, None), ("poisoned, default defence", {}, poisoning_app()),
+             ("poisoned, defence off", {"federation.update_norm_multiple": 0.0}, poisoning_app())]
+    out = []
+    for i, (label, extra, app) in enumerate(cases):
+        sets = {**base, **extra, "output.dir": f"{tmp}/p{i}"}
+        cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+        try:
+            summary = run_inprocess(cfg, quiet=True, client_app=app)
+        except RoundFailed:
+            summary = json.loads((Path(cfg.output.dir) / "summary.json").read_text())
+        rounds = read_rounds(cfg.output.dir)
+        out.append({"case": label, "status": summary["status"],
+                    "final_accuracy": summary["final_accuracy"],
+                    "rounds_clipped": sum(bool(r.get("clipped")) for r in rounds)})
+        print(f"{label}: {summary['status']} {summary['final_accuracy']:.3f}", flush=True)
+    return out
+
+
+def out_of_place() -> list[dict]:
+    """Replies that are well formed but not the round's: each must be refused."""
+    def inflated(h: Harness) -> Message:
+        content = h.valid(2, 2)
+        content["metrics"]["num-examples"] = 1000
+        return h.reply(2, content)
+
+    def claims_partition_0(h: Harness) -> Message:
+        content = h.valid(1, 1)
+        content["metrics"]["partition-id"] = 0
+        return h.reply(1, content)
+
+    def hostile_metric(h: Harness) -> Message:
+        content = h.valid(2, 2)
+        content["metrics"]["train_loss"] = 1e308
+        return h.reply(2, content)
+
+    cases = {"second reply from one node": lambda h: h.reply(0, h.valid(0, 9)),
+             "example count above the client's rows": inflated,
+             "two nodes claim one partition": claims_partition_0,
+             "train_loss 1e308": hostile_metric}
+    out = []
+    for label, make in cases.items():
+        h = Harness()
+        h.strategy.guard = Safeguards(max_examples=1000, client_examples={0: 10, 1: 11, 2: 12})
+        h.strategy.aggregate_train(1, [h.reply(0, h.valid(0, 0)), make(h)])
+        out.append({"case": label, "rejected": len(h.strategy.stats[1]["rejected"]),
+                    "reason": (h.strategy.stats[1]["rejected"] or [{"reason": ""}])[0]["reason"],
+                    "accepted_clients": sorted(h.strategy.stats[1]["clients"])})
+    # a round-1 reply replayed in round 2, and a node not asked in round 2
+    h = Harness()
+    first = [h.reply(i, h.valid(i, i)) for i in range(3)]
+    h.strategy.aggregate_train(1, first)
+    h.strategy.clients_per_round = 2
+    msgs = list(h.strategy.configure_train(2, ArrayRecord(), ConfigRecord(), h.strategy._grid))
+    h.strategy._grid.push_messages(msgs)
+    asked = sorted(m.metadata.dst_node_id for m in msgs)
+    fresh = [Message(h.valid(m.metadata.dst_node_id - 2, 7), reply_to=m) for m in msgs]
+    (outsider,) = {2, 3, 4} - set(asked)
+    h.strategy.aggregate_train(2, [first[asked[0] - 2], first[outsider - 2], *fresh])
+    for reply in h.strategy.stats[2]["rejected"]:
+        out.append({"case": "round 2: " + reply["reason"], "rejected": 1,
+                    "reason": reply["reason"],
+                    "accepted_clients": sorted(h.strategy.stats[2]["clients"])})
+    for row in out:
+        print(f"{row['case']}: rejected {row['rejected']}", flush=True)
+    return out
+
+
+def pytest_checks() -> list[dict]:
+    """Run the checks that live in the test suite and record their outcome."""
+    checks = [("tampered or broken checkpoints refused, files unchanged",
+               ["tests/test_hardening.py", "-k", "tampered or broken"]),
+              ("SIGTERM / SIGINT on fedtt deploy: no process or key left",
+               ["tests/test_deployment.py", "-k", "signal"])]
+    out = []
+    for label, args in checks:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               *args], cwd=ROOT, capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        out.append({"check": label, "command": "pytest -q " + " ".join(args), "outcome": last,
+                    "passed": proc.returncode == 0})
+        print(f"{label}: {last}", flush=True)
+    return out
+
+
+def write_markdown(fz: dict, sc: list[dict], seeds: int, poison: list[dict],
+                   placed: list[dict], checks: list[dict]) -> str:
     total = {k: sum(r[k] for r in fz.values()) for k in ("tried", "rejected", "global_intact",
                                                          "crashed")}
     lines = [
@@ -135,7 +238,35 @@ def write_markdown(fz: dict, sc: list[dict], seeds: int) -> str:
         lines.append(f"| {s['scenario']} | {s['expected']} | {s['status']} | "
                      f"{s['rounds_done']} | {s['failures_recorded']} |")
     runs_ok = sum(s["status"] == s["expected"] for s in sc)
-    lines += ["", f"Runs that ended as expected: {runs_ok} of {len(sc)}.", ""]
+    lines += ["", f"Runs that ended as expected: {runs_ok} of {len(sc)}.", "",
+              "## A poisoned client", "",
+              "Client 0 of 3 replies with finite values of ±5000 (inside `max_abs_value`) "
+              "every round; tiny LLaMA, synthetic data, 4 rounds, 64 test rows. The default "
+              "defence clips each update to `federation.update_norm_multiple` = 2 times the "
+              "round's median update norm.", "",
+              "| run | outcome | final accuracy | rounds with a clipped update |",
+              "|---|---|---|---|"]
+    for p in poison:
+        lines.append(f"| {p['case']} | {p['status']} | {p['final_accuracy']:.3f} | "
+                     f"{p['rounds_clipped']} |")
+    lines += ["", "## Replies out of place", "",
+              "Well-formed replies that are not the round's one answer from a sampled node, "
+              "sent with a valid reply through `FedTTStrategy.aggregate_train` (in-process "
+              "partition sizes known).", "",
+              "| case | rejected | reason | clients aggregated |", "|---|---|---|---|"]
+    for p in placed:
+        lines.append(f"| {p['case']} | {p['rejected']} | {p['reason']} | "
+                     f"{p['accepted_clients']} |")
+    lines += ["", "## Checks that live in the test suite", "",
+              "| check | command | outcome |", "|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['check']} | `{c['command']}` | {c['outcome']} |")
+    lines += ["", "## What a malicious client can still do", "",
+              "- Send an update of up to twice the round's median norm in any direction (the "
+              "bound needs an honest majority of at least three replies to hold).",
+              "- On a Deployment Engine, claim up to `federation.max_weight_share` of the "
+              "FedAvg weight with a made-up example count (in-process the counts are "
+              "checked against the partitions; under local DP counts are not used).", ""]
     return "\n".join(lines)
 
 
@@ -146,12 +277,17 @@ def main() -> None:
     fz = fuzz(args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         sc = scenarios(tmp)
+        poison = poisoning(tmp)
+    placed = out_of_place()
+    checks = pytest_checks()
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "robustness.md").write_text(write_markdown(fz, sc, args.seeds))
+    (ROOT / "docs" / "robustness.md").write_text(
+        write_markdown(fz, sc, args.seeds, poison, placed, checks))
     results = ROOT / "benchmarks" / "results" / "robustness.json"
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"fuzz": fz, "scenarios": sc, "seeds": args.seeds},
-                                  indent=2) + "\n")
+    results.write_text(json.dumps({"fuzz": fz, "scenarios": sc, "seeds": args.seeds,
+                                   "poisoning": poison, "out_of_place": placed,
+                                   "checks": checks}, indent=2) + "\n")
     print("wrote docs/robustness.md")
 
 

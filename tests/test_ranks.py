@@ -16,7 +16,7 @@ RANKS = {"adapter.rank": 6, "method.aggregation": "exact", "federation.client_ra
 
 def core_bytes(ledger, client, rnd, direction):
     return sum(r["bytes"] for r in ledger if r["client"] == client and r["round"] == rnd
-               and r["direction"] == direction and ".core_" in r["name"])
+               and r["direction"] == direction and ".core_" in (r["name"] or ""))
 
 
 def test_each_client_uploads_and_downloads_at_its_own_rank(tmp_path):

@@ -92,7 +92,10 @@ def faulty_app(kind, victim=1, from_round=1, hang=3.0):
         if hit and kind == "raise":
             raise RuntimeError("disk full")
         if hit and kind == "hang":
+            # An abandoned call that went on to train would share torch's global generator
+            # (dropout) with whatever this process runs next: it gives up instead.
             time.sleep(hang)
+            raise RuntimeError("woke up after the timeout")
         return default_client.train(message, context)
 
     return app

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from safetensors.torch import load_file
 
 from fedtt.adapters import AdapterConfig
 from fedtt.config import load_config
 from fedtt.federated import client_app as capp
 from fedtt.federated import wire
-from fedtt.federated.inprocess import run_inprocess
+from fedtt.federated.inprocess import InProcessGrid, run_inprocess
 from fedtt.federated.runtime import get_runtime
 from fedtt.methods import MethodConfig, core_groups
 from fedtt.plan import plan
@@ -63,11 +64,33 @@ def test_every_method_learns_and_writes_the_schema(tmp_path, method, mode):
     assert json.loads((Path(cfg.output.dir) / "label_counts.json").read_text())["counts"]
 
 
+def flower_bytes(msg) -> int:
+    """Flower's own objects of a message, deflated as it sends them."""
+    return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+
+
+def spy_on_messages(monkeypatch) -> dict[str, int]:
+    """Count the bytes of every message the in-process grid delivers, and every reply."""
+    seen = {"down": 0, "up": 0}
+    call = InProcessGrid._call
+
+    def spy(self, msg, timeout):
+        seen["down"] += flower_bytes(msg)
+        reply = call(self, msg, timeout)
+        if reply is not None:
+            seen["up"] += flower_bytes(reply)
+        return reply
+
+    monkeypatch.setattr(InProcessGrid, "_call", spy)
+    return seen
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_ledger_matches_sent_tensors_and_plan(tmp_path, method):
+def test_ledger_matches_sent_tensors_wire_and_plan(tmp_path, method, monkeypatch):
     cfg = tiny(tmp_path, **{"method.name": method})
+    seen = spy_on_messages(monkeypatch)
     run_inprocess(cfg, quiet=True)
-    rounds, ledger, _ = read(cfg.output.dir)
+    rounds, ledger, summary = read(cfg.output.dir)
     predicted = plan(cfg.model.name, [method], cfg.adapter, cfg.method, num_labels=2)
     per_client = predicted["methods"][method]
     for r in rounds[1:]:
@@ -75,12 +98,31 @@ def test_ledger_matches_sent_tensors_and_plan(tmp_path, method):
         down = [x for x in ledger if x["round"] == r["round"] and x["direction"] == "down"]
         assert sum(x["bytes"] for x in up) == r["upload_bytes"]
         assert sum(x["bytes"] for x in down) == r["download_bytes"]
+        assert sum(x["wire_bytes"] for x in up) == r["upload_wire_bytes"]
+        assert sum(x["wire_bytes"] for x in down) == r["download_wire_bytes"]
         for x in up + down:
+            if x["name"] is None:  # a message row: its wire bytes, no tensor of its own
+                assert x["bytes"] == 0 and x["wire_bytes"] > 0
+                continue
             numel = int(torch.Size(x["shape"]).numel())
-            assert x["bytes"] == (numel * 4 if x["sent"] else 0)
+            assert x["bytes"] == (numel * 4 if x["sent"] else 0) and x["wire_bytes"] == 0
+        # each client: one train message each way
+        assert len([x for x in up + down if x["name"] is None]) == 3 * 2
+        # packed: a message is its payload plus a small fixed frame, however many tensors
+        train_up = [x["wire_bytes"] for x in up if x["name"] is None and x["kind"] == "train"]
+        assert max(train_up) < r["upload_bytes"] / 3 + 1500
+    # The ledger's wire bytes are exactly Flower's count of the messages that were sent.
+    assert seen["up"] == summary["total_upload_wire_bytes"]
+    assert seen["down"] == summary["total_download_wire_bytes"]
     round2 = rounds[2]
     assert round2["upload_bytes"] == 3 * per_client["upload_bytes"]
     assert round2["download_bytes"] == 3 * per_client["download_bytes"]
+    train_rows = [x for x in ledger if x["round"] == 2 and x["name"] is None
+                  and x["kind"] == "train"]
+    for direction in ("up", "down"):
+        actual = [x["wire_bytes"] for x in train_rows if x["direction"] == direction]
+        expected = per_client[f"{'upload' if direction == 'up' else 'download'}_wire_bytes"]
+        assert all(abs(a - expected) <= 16 for a in actual), (direction, actual, expected)
 
 
 def test_ffa_lora_sends_half_of_lora_adapter_bytes(tmp_path):
@@ -90,7 +132,7 @@ def test_ffa_lora_sends_half_of_lora_adapter_bytes(tmp_path):
         run_inprocess(cfg, quiet=True)
         _, ledger, _ = read(cfg.output.dir)
         sizes[method] = sum(x["bytes"] for x in ledger
-                            if x["direction"] == "up" and "lora_" in x["name"])
+                            if x["direction"] == "up" and "lora_" in (x["name"] or ""))
     assert sizes["ffa-lora"] * 2 == sizes["lora"] > 0
 
 
@@ -141,16 +183,27 @@ def test_same_seed_same_metrics_different_seed_differs(tmp_path):
     assert a != c
 
 
-def test_exact_aggregation_logs_a_smaller_gap_than_factor(tmp_path):
+def test_exact_aggregation_logs_a_smaller_gap_than_factor():
+    """The gap is the applied aggregate's error relative to the update, on the same replies:
+    exact aggregation (TT-SVD of the average, within rank) is closer than factor averaging."""
+    from fedtt import tt
+    from fedtt.methods import make_method
+
+    g = torch.Generator().manual_seed(1)
+    modes = tt.matrix_modes(24, 8)
+    current = {f"l.core_{i}": c for i, c in enumerate(tt.init_cores(modes, 4, 1.0, generator=g))}
+    replies = [({n: t + 0.3 * torch.randn(t.shape, generator=g) for n, t in current.items()}, w)
+               for w in (10.0, 20.0, 30.0)]
+    target = sum(tt.tt_to_full([s[n] for n in current]).double() * w for s, w in replies) / 60
+    update = float((target - tt.tt_to_full(list(current.values())).double()).norm())
     gaps = {}
     for agg in ("factor", "exact"):
-        cfg = tiny(tmp_path, agg, **{"method.name": "fedtt", "method.aggregation": agg,
-                                     "adapter.init": "gaussian", "training.lr": 0.05})
-        run_inprocess(cfg, quiet=True)
-        rounds, _, _ = read(cfg.output.dir)
-        gaps[agg] = [r["aggregation_gap"] for r in rounds[1:]]
-    assert all(g > 0 for g in gaps["factor"])  # averaging cores is not averaging matrices
-    assert all(g >= 0 for g in gaps["exact"])
+        m = make_method(MethodConfig(name="fedtt", aggregation=agg), AdapterConfig())
+        new, metrics = m.aggregate(1, current, replies)
+        error = float((tt.tt_to_full([new[n] for n in current]).double() - target).norm())
+        assert metrics["aggregation_gap"] == pytest.approx(error / update, rel=1e-6)
+        gaps[agg] = metrics["aggregation_gap"]
+    assert 0 <= gaps["exact"] < gaps["factor"]
 
 
 def test_exact_aggregation_is_closer_to_the_matrix_average():

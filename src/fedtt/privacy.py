@@ -1,13 +1,21 @@
 """Local differential privacy: DP-SGD on each client, and each client's privacy accounting.
 
 Each step of a client's local training is the Sampled Gaussian Mechanism, as Opacus does it:
-a Poisson sample of the client's rows (each row with probability q = batch_size / rows, drawn
-by Opacus' `UniformWithReplacementSampler`), per-sample gradients from Opacus'
+a Poisson sample of the client's rows (each row with probability q = batch_size / n, drawn by
+Opacus' `UniformWithReplacementSampler`), per-sample gradients from Opacus'
 `GradSampleModule` (hooks; TT cores go through its functorch path), each clipped to
-`max_grad_norm`, summed, Gaussian noise of std `noise_multiplier * max_grad_norm` added, divided
-by the expected batch size q * rows, then an AdamW step. Nothing leaves a client unnoised, so
-no trusted server is needed. The client counts its own steps over every round it takes part
-in, and the epsilon it reports is Opacus' accountant (RDP, or PRV) over (noise, q, steps).
+`max_grad_norm`, summed, Gaussian noise of std `noise_multiplier * max_grad_norm` added,
+divided by the expected batch size q * n, then an AdamW step.
+
+Everything a DP client publishes is a function of public values only. n is a public nominal
+row count (`privacy.nominal_examples`, by default the task's training rows over the clients),
+never the client's own count: q, the noise, the steps and so the epsilon are the same for
+every client that took part equally often, and a reply carries no row count, loss or timing
+(the server weighs DP replies equally). The client counts its own steps over every round it
+takes part in; the epsilon it reports is Opacus' accountant (RDP, or PRV) over (noise, q,
+steps). A target epsilon plans the noise for `planned_participations` rounds, a high quantile
+of how often a cross-device client is sampled, and the server samples only clients with
+rounds of budget left, so a run never stops for budget.
 
 The sample and the noise come from a seeded torch generator (reproducible runs), or with
 `privacy.secure_mode` from `SecureRandom`, the OS's cryptographic generator: a seeded one
@@ -19,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from opacus import GradSampleModule
@@ -28,7 +37,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.nn import functional as F
 
-from fedtt.config import PrivacyConfig
+from fedtt.config import PrivacyConfig, RunConfig
 from fedtt.train import Encoded
 
 
@@ -71,8 +80,26 @@ class BudgetSpent(RuntimeError):
     """Another round would take a client past its target epsilon; it stops training."""
 
 
-def sample_rate(batch_size: int, rows: int) -> float:
+def sample_rate(batch_size: int, rows: float) -> float:
     return min(1.0, batch_size / rows)
+
+
+PARTICIPATION_QUANTILE = 0.95
+
+
+def planned_participations(rounds: int, per_round: int, num_clients: int) -> int:
+    """Rounds of training a target epsilon is planned for: every round when every client
+    takes part, else the 95% quantile of a client's participations when `per_round` of
+    `num_clients` are sampled uniformly each round (Binomial(rounds, per_round/num_clients))."""
+    if per_round >= num_clients:
+        return rounds
+    p = per_round / num_clients
+    cdf = 0.0
+    for k in range(rounds + 1):
+        cdf += math.comb(rounds, k) * p**k * (1 - p) ** (rounds - k)
+        if cdf >= PARTICIPATION_QUANTILE:
+            return max(k, 1)
+    return rounds
 
 
 def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float,
@@ -83,6 +110,26 @@ def epsilon(noise_multiplier: float, rate: float, steps: int, delta: float,
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = [(noise_multiplier, rate, steps)]  # what `steps` calls of acc.step leave
     return float(acc.get_epsilon(delta))
+
+
+class Plan(NamedTuple):
+    """A run's DP-SGD plan, the same for every client: all of it from public values."""
+
+    rate: float  # Poisson sample rate q
+    expected_batch: float  # q * nominal rows: what the noisy sum is divided by
+    noise_multiplier: float
+    participations: int  # rounds a client may train within its target epsilon
+    planned_steps: int  # participations * local steps
+
+
+def plan(cfg: RunConfig, train_rows: int) -> Plan:
+    """The DP-SGD plan of a run whose task has `train_rows` training rows in all."""
+    f, t = cfg.federation, cfg.training
+    nominal = cfg.privacy.nominal_examples or train_rows / f.num_clients
+    rate = sample_rate(t.batch_size, nominal)
+    rounds = planned_participations(f.rounds, cfg.clients_per_round(), f.num_clients)
+    steps = rounds * t.local_steps
+    return Plan(rate, rate * nominal, noise_for(cfg.privacy, rate, steps), rounds, steps)
 
 
 def noise_for(cfg: PrivacyConfig, rate: float, planned_steps: int) -> float:
@@ -153,16 +200,17 @@ def private_grad(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], *,
 
 
 def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
-                  params: Sequence[nn.Parameter], *, steps: int, batch_size: int, lr: float,
-                  weight_decay: float, noise_multiplier: float, max_grad_norm: float,
-                  generator: Rng,
+                  params: Sequence[nn.Parameter], *, steps: int, rate: float,
+                  expected_batch: float, lr: float, weight_decay: float,
+                  noise_multiplier: float, max_grad_norm: float, generator: Rng,
                   masks: Sequence[torch.Tensor | None] | None = None) -> float:
-    """`steps` DP-SGD steps (AdamW on the private gradient) on `rows`; mean per-example loss
-    of the sampled batches. `masks` as in `private_grad` (entries outside stay as they are)."""
+    """`steps` DP-SGD steps (AdamW on the private gradient) on `rows`, each row sampled with
+    probability `rate`, the noisy sum divided by the public `expected_batch`; mean
+    per-example loss of the sampled batches (it stays on the client). `masks` as in
+    `private_grad` (entries outside stay as they are)."""
     params = list(params)
     if not rows:
         raise ValueError("cannot train on an empty partition")
-    rate = sample_rate(batch_size, len(rows))
     rows_t = torch.as_tensor(list(rows), dtype=torch.long)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sampler = poisson_batches(len(rows), rate, steps, generator)
@@ -179,7 +227,7 @@ def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
                 total, seen = total + loss, seen + len(picked_rows)
             noisy = private_grad(grads, [p.shape for p in params], max_norm=max_grad_norm,
                                  noise_multiplier=noise_multiplier,
-                                 expected_batch=rate * len(rows), generator=generator,
+                                 expected_batch=expected_batch, generator=generator,
                                  masks=masks)
             for p, g in zip(params, noisy, strict=True):
                 p.grad = g.to(p.dtype)

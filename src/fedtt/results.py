@@ -2,8 +2,9 @@
 
 A run directory holds `config.toml` (resolved), `rounds.jsonl` (one object per round, round 0
 being the untrained start), `ledger.jsonl` (one row per tensor per client per round per
-direction), `label_counts.json`, `summary.json`, `global.safetensors` (the final travelling
-tensors) and `plots/`. `fedtt report` reads only these.
+direction with its payload `bytes`, and one row per message with Flower's `wire_bytes`),
+`label_counts.json`, `summary.json`, `global.safetensors` (the final travelling tensors) and
+`plots/`. `fedtt report` reads only these.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# *_bytes: tensor payload; *_wire_bytes: Flower's bytes for the whole messages (the wire).
 ROUND_KEYS = ("round", "method", "accuracy", "loss", "macro_f1", "upload_bytes",
-              "download_bytes", "cumulative_bytes", "clients", "seconds", "epsilon")
+              "download_bytes", "cumulative_bytes", "upload_wire_bytes", "download_wire_bytes",
+              "cumulative_wire_bytes", "clients", "seconds", "epsilon")
 
 
 class Recorder:
@@ -27,6 +30,8 @@ class Recorder:
         """A fresh run directory, or (`resume_round`) one whose rows past that round are cut
         off (a run killed mid-round) and which is appended to from there."""
         self.dir = Path(out_dir)
+        if resume_round is not None:
+            check_history(self.dir, resume_round)  # before anything is cut off or written
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.toml").write_text(config_toml)
         self.rows: list[dict] = []
@@ -50,7 +55,7 @@ class Recorder:
         if missing:
             raise ValueError(f"round row lacks {missing}")
         self.rows.append(row)
-        self._rounds.write(json.dumps(row) + "\n")
+        self._rounds.write(json.dumps(row, allow_nan=False) + "\n")  # always valid JSON
         self._rounds.flush()
 
     def close(self) -> None:
@@ -69,6 +74,9 @@ class Recorder:
             "total_bytes": last["cumulative_bytes"],
             "total_upload_bytes": sum(r["upload_bytes"] for r in self.rows),
             "total_download_bytes": sum(r["download_bytes"] for r in self.rows),
+            "total_wire_bytes": last["cumulative_wire_bytes"],
+            "total_upload_wire_bytes": sum(r["upload_wire_bytes"] for r in self.rows),
+            "total_download_wire_bytes": sum(r["download_wire_bytes"] for r in self.rows),
             "wall_seconds": time.perf_counter() - self.started,
             **summary, "versions": versions(),
         }
@@ -88,10 +96,31 @@ def _keep_lines(path: Path, last_round: int) -> None:
 
 
 def _complete_round(line: str, last_round: int) -> bool:
+    recorded = _row_round(line)
+    return recorded is not None and recorded <= last_round
+
+
+def _row_round(line: str) -> int | None:
+    """The round of a JSON-lines row, None for a line cut short by a kill (or not a row)."""
     try:
-        return json.loads(line)["round"] <= last_round
-    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
-        return False
+        value = json.loads(line)["round"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def check_history(run_dir: str | Path, last_round: int) -> None:
+    """Refuse (ValueError) to continue a run after `last_round` unless its rounds.jsonl
+    records every round 0..last_round, so that cutting off the rows after it loses nothing."""
+    if isinstance(last_round, bool) or not isinstance(last_round, int) or last_round < 0:
+        raise ValueError(f"the round to resume after must be an integer >= 0, got {last_round!r}")
+    path = Path(run_dir) / "rounds.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    recorded = {_row_round(line) for line in lines}
+    missing = next((r for r in range(last_round + 1) if r not in recorded), None)
+    if missing is not None:
+        raise ValueError(f"{path} does not record round {missing}, so the run cannot continue "
+                         f"after round {last_round}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -138,16 +167,16 @@ def read_run(run_dir: str | Path) -> dict:
 def format_table(runs: Sequence[dict]) -> str:
     """A comparison table of finished runs."""
     header = (f"{'run':<24} {'method':<9} {'rounds':>6} {'final acc':>9} {'best acc':>8} "
-              f"{'up MB/rnd/cl':>12} {'total MB':>9} {'seconds':>8}")
+              f"{'up MB/rnd/cl':>12} {'total MB':>9} {'seconds':>8}   (MB: wire bytes)")
     lines = [header, "-" * len(header)]
     for run in runs:
         s = run["summary"]
         rounds = [r for r in run["rounds"] if r["round"] > 0]
-        per_client = [r["upload_bytes"] / max(len(r["clients"]), 1) for r in rounds]
+        per_client = [r["upload_wire_bytes"] / max(len(r["clients"]), 1) for r in rounds]
         up = sum(per_client) / len(per_client) / 1e6 if per_client else 0.0
         lines.append(f"{run['name'][:24]:<24} {s.get('method', '?'):<9} {s['rounds']:>6} "
                      f"{s['final_accuracy']:>9.4f} {s['best_accuracy']:>8.4f} {up:>12.4f} "
-                     f"{s['total_bytes'] / 1e6:>9.3f} {s['wall_seconds']:>8.1f}")
+                     f"{s['total_wire_bytes'] / 1e6:>9.3f} {s['wall_seconds']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -163,12 +192,12 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for xkey, xlabel, fname in (("round", "round", "accuracy_vs_round.png"),
-                                ("cumulative_bytes", "cumulative MB sent (up + down)",
+                                ("cumulative_wire_bytes", "cumulative MB on the wire (up + down)",
                                  "accuracy_vs_mb.png")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         for label, rows in runs:
             rows = evaluated_rows(rows)
-            xs = [r[xkey] / (1e6 if xkey == "cumulative_bytes" else 1) for r in rows]
+            xs = [r[xkey] / (1e6 if xkey != "round" else 1) for r in rows]
             ax.plot(xs, [r["accuracy"] for r in rows], marker="o", markersize=3, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")

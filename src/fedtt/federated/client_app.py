@@ -1,9 +1,10 @@
 """fedtt's Flower ClientApp: load the received tensors, train locally, reply with the update.
 
-A message carries the tensors this client lacks, and its config names the tensors to train
-and upload this round (for FedTT+ that is the server's core mask). A stateful client
-(cross-silo) keeps the global tensors it has received in `context.state`, so the server only
-sends what changed; a stateless one (cross-device) keeps nothing but local-only tensors.
+A message carries the tensors this client lacks, packed (`payload.py`), and its config names
+the tensors to train and upload this round as a mask over the travelling tensors (for FedTT+
+that is the server's core mask). A stateful client (cross-silo) keeps the global tensors it
+has received in `context.state`, so the server only sends what changed; a stateless one
+(cross-device) keeps nothing but local-only tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtt import privacy
-from fedtt.federated import wire
+from fedtt.federated import payload, wire
 from fedtt.federated.runtime import Runtime, get_runtime
 
 STATE_GLOBAL = "fedtt.global"  # global tensors as last received (stateful clients)
@@ -28,23 +29,28 @@ app = ClientApp()
 def _restore(rt: Runtime, message: Message, context: Context) -> None:
     """Put this client's view of the model into the shared backbone.
 
-    Received arrays are kept as they came (no re-serialisation) in the stateful client's
-    store; only stored tensors that were not just received are decoded.
+    The message's packed payload holds the tensors its config's "arrays" mask names, at the
+    TT rank its config names (the server learns a client's rank from its replies); a
+    stateful client keeps what it received, as received, and restores the rest from that
+    store.
     """
-    arrays: ArrayRecord = message.content["arrays"]
-    stateful = bool(message.content["config"]["stateful"])
+    config = message.content["config"]
+    names = payload.select(rt.sent, config["arrays"])
+    received = payload.unpack(message.content["arrays"],
+                              rt.layout(names, int(config["rank"]) or None))
+    stateful = bool(config["stateful"])
     state = dict(rt.initial)
     for key in ((STATE_GLOBAL,) if stateful else ()) + (STATE_LOCAL,):
         if key in context.state:
             stored = context.state[key]
             state.update({n: wire.from_array(a) for n, a in stored.items()
-                          if n not in arrays})
-    state.update(wire.from_record(arrays))
+                          if n not in received})
+    state.update(received)
     rt.load(state)
     if stateful:
         store = context.state.get(STATE_GLOBAL) or ArrayRecord()
-        for name, array in arrays.items():
-            store[name] = array
+        for name, tensor in received.items():
+            store[name] = wire.to_array(tensor)
         context.state[STATE_GLOBAL] = store
 
 
@@ -70,9 +76,11 @@ def client_rank(rt: Runtime, context: Context) -> int | None:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    """Train the tensors the config's "train" mask names; reply with them packed. Under local
+    DP a reply holds only the noised tensors and public values (`privacy.py`)."""
     rt = get_runtime(context.run_config)
     config = message.content["config"]
-    names = list(config["train"])
+    names = payload.select(rt.sent, config["train"])
     pid = _partition(context)
     rank = client_rank(rt, context)
     dp = _privacy_check(rt, context, pid) if rt.cfg.privacy.enabled else {}
@@ -88,35 +96,37 @@ def train(message: Message, context: Context) -> Message:
         if rt.local_only:
             context.state[STATE_LOCAL] = wire.to_record(rt.snapshot(rt.local_only))
         trained = rt.snapshot(names)
-        trained = wire.to_record(rt.at_rank(trained, rank) if rank else trained,
-                                 rt.cfg.federation.precision)
-    metrics = {"num-examples": examples, "partition-id": pid, "train_seconds": seconds}
-    if not dp:  # under DP the raw loss of private rows would leave un-noised: keep it here
-        metrics["train_loss"] = loss
+        if rank:
+            trained = rt.at_rank(trained, rank)
+        arrays = payload.pack([trained[n] for n in names], rt.cfg.federation.precision)
+    metrics: dict = {"partition-id": pid}
+    if not dp:  # the row count, raw loss and timing of private rows would leave un-noised
+        metrics.update({"num-examples": examples, "train_loss": loss, "train_seconds": seconds})
     if rank:
         metrics["tt-rank"] = rank
     metrics.update(dp)
-    reply = RecordDict({"arrays": trained, "metrics": MetricRecord(metrics)})
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=message)
 
 
 def _privacy_check(rt: Runtime, context: Context, pid: int) -> dict:
     """This round's accounting: the client's steps and epsilon once it has trained, or
-    BudgetSpent (the client refuses to train) if that would pass its target epsilon."""
+    BudgetSpent (the client refuses to train) if that would pass its target epsilon. Both
+    are functions of the public plan and how often the client has trained."""
     p, t = rt.cfg.privacy, rt.cfg.training
-    rate, noise, _ = rt.privacy_plan(pid)
+    plan = rt.privacy_plan
     done = 0
     if STATE_PRIVACY in context.state:
         done = int(wire.from_record(context.state[STATE_PRIVACY])["steps"][0])
     steps = done + t.local_steps
-    eps = privacy.epsilon(noise, rate, steps, p.delta, p.accountant)
+    eps = privacy.epsilon(plan.noise_multiplier, plan.rate, steps, p.delta, p.accountant)
     if p.epsilon > 0 and eps > p.epsilon:
-        spent = privacy.epsilon(noise, rate, done, p.delta, p.accountant)
+        spent = privacy.epsilon(plan.noise_multiplier, plan.rate, done, p.delta, p.accountant)
         raise privacy.BudgetSpent(
             f"client {pid} stops training: {t.local_steps} more DP-SGD steps would take its "
             f"epsilon from {spent:.3f} to {eps:.3f}, past the target {p.epsilon:g} "
             f"(delta {p.delta:g})")
-    return {"epsilon": eps, "noise_multiplier": noise, "sample_rate": rate, "dp_steps": steps}
+    return {"epsilon": eps, "dp_steps": steps}
 
 
 @app.evaluate()

@@ -2,8 +2,9 @@
 
 Each mutation takes a valid train reply's content and a `random.Random` and returns a
 malformed `RecordDict` that a correct server must reject. `Harness` is a real FedTT strategy
-on a tiny model with three nodes and round 1 configured, to send replies through. The fuzz test
-and `benchmarks/robustness.py` use both.
+on a tiny model with three nodes and round 1 configured, to send replies through.
+`poisoning_app` is a ClientApp one of whose clients replies with well-formed poison. The tests
+and `benchmarks/robustness.py` use them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedtt.federated import payload
 
 Mutation = Callable[[RecordDict, random.Random], RecordDict]
 
@@ -203,6 +206,7 @@ class Harness:
         grid = InProcessGrid(ClientApp(), {}, 3)
         self.messages = list(self.strategy.configure_train(1, ArrayRecord(), ConfigRecord(),
                                                            grid))
+        grid.push_messages(self.messages)  # gives them their ids, as Flower's grid does
 
     def reply(self, i: int, content: RecordDict) -> Message:
         """`content` as the reply of node i (partition i) to its round-1 message."""
@@ -213,6 +217,26 @@ class Harness:
         g = torch.Generator().manual_seed(seed)
         state = {n: t + 0.01 * torch.randn(t.shape, generator=g)
                  for n, t in self.strategy.global_state.items()}
-        return RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(
-            {"num-examples": 10 + i, "partition-id": i, "train_loss": 0.5,
-             "train_seconds": 0.1})})
+        return RecordDict({"arrays": payload.pack(list(state.values())),
+                           "metrics": MetricRecord({"num-examples": 10 + i, "partition-id": i,
+                                                    "train_loss": 0.5, "train_seconds": 0.1})})
+
+
+def poisoning_app(value: float = 5000.0, victim: int = 0) -> ClientApp:
+    """fedtt's ClientApp, except that client `victim` replies with values of +-`value`
+    (finite, well formed, random signs) instead of its update."""
+    from fedtt.federated import client_app
+
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        reply = client_app.train(message, context)
+        if context.node_config["partition-id"] == victim:
+            flat = payload.packed_array(reply.content["arrays"])
+            g = torch.Generator().manual_seed(int(message.content["config"]["server-round"]))
+            signs = torch.randint(0, 2, tuple(flat.shape), generator=g).float() * 2 - 1
+            reply.content["arrays"] = payload.pack([signs * value])
+        return reply
+
+    return app

@@ -10,7 +10,6 @@ abandoned (with its thread); the shared model is guarded by `Runtime.lock`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import traceback
@@ -48,7 +47,6 @@ class InProcessGrid(Grid):
                 state=RecordDict(), run_config=run_config)
             for i in range(num_nodes)}
         self.progress = progress
-        self._ids = itertools.count(1)
         self._pending: dict[str, Message] = {}
         self._run = None
         # One long-lived worker thread runs the client calls (a new thread per call would
@@ -85,8 +83,8 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            mid = f"m{next(self._ids)}"
-            msg.metadata.__dict__["_message_id"] = mid  # as Flower's own link state does
+            mid = msg.object_id  # as Flower's own link state does (so ids have its length)
+            msg.metadata.__dict__["_message_id"] = mid
             self._pending[mid] = msg
             ids.append(mid)
         return ids

@@ -8,7 +8,6 @@ and every simulated client: a client costs its adapter tensors, never a model co
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from fedtt import data as fdata
 from fedtt import privacy, tt
-from fedtt.config import RunConfig, apply
+from fedtt.config import ConfigError, RunConfig, apply
 from fedtt.methods import core_groups, largest_core_rank, make_method
 from fedtt.models import load_model, load_tokenizer
 from fedtt.train import Encoded, encode, evaluate, train_local
@@ -78,26 +77,31 @@ class Runtime:
         self.num_labels = task.num_labels
         train = sample_rows(task.train, cfg.data.max_train_examples, seed)
         test = sample_rows(task.test, cfg.data.max_test_examples, seed)
+        val = None
+        if cfg.data.val_fraction > 0:  # held out of training, for choosing settings
+            split = train.train_test_split(test_size=cfg.data.val_fraction, seed=seed)
+            train, val = split["train"], split["test"]
         parts = fdata.partition(train.add_column("row", list(range(len(train)))),
                                 cfg.federation.num_clients, scheme=cfg.data.partition,
                                 alpha=cfg.data.alpha,
                                 classes_per_partition=cfg.data.classes_per_client, seed=seed)
         self.partitions: list[list[int]] = [list(p["row"]) for p in parts]
         self.label_counts = fdata.label_counts(parts, self.num_labels)
-        self.test_partitions: list[list[int]] = []
-        if cfg.federation.client_eval:
-            tparts = fdata.partition(test.add_column("row", list(range(len(test)))),
-                                     cfg.federation.num_clients, scheme="iid", seed=seed)
-            self.test_partitions = [list(p["row"]) for p in tparts]
 
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.train_data: Encoded = encode(self.tokenizer, train["text"], train["label"],
                                           cfg.model.max_length)
         self.test_data: Encoded = encode(self.tokenizer, test["text"], test["label"],
                                          cfg.model.max_length)
+        self.val_data: Encoded | None = None if val is None else encode(
+            self.tokenizer, val["text"], val["label"], cfg.model.max_length)
 
         self.method = make_method(cfg.method, cfg.adapter)
         base = load_model(cfg.model.name, self.num_labels, seed=seed)
+        positions = getattr(base.config, "max_position_embeddings", None)
+        if positions is not None and cfg.model.max_length > positions:
+            raise ConfigError(f"model.max_length {cfg.model.max_length} is more than the "
+                              f"{positions} positions {cfg.model.name} has")
         self.model = self.method.build(base, seed=seed)
         self.model.eval()
         self.params = dict(self.model.named_parameters())
@@ -105,9 +109,17 @@ class Runtime:
         self.sent = self.method.sent_names(self.model)
         self.local_only = [n for n in self.trainable if n not in set(self.sent)]
         self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+        # A kept-local head exists only on its client: such runs are scored by the clients.
+        self.client_eval = cfg.federation.client_eval or bool(self.local_only)
+        self.test_partitions: list[list[int]] = []
+        if self.client_eval:
+            tparts = fdata.partition(test.add_column("row", list(range(len(test)))),
+                                     cfg.federation.num_clients, scheme="iid", seed=seed)
+            self.test_partitions = [list(p["row"]) for p in tparts]
         self.tt_groups = core_groups(self.sent)  # TT layer -> its travelling cores
         self.tt_rank = largest_core_rank({n: self.params[n] for n in self.sent})
-        self._privacy: dict[int, tuple[float, float, int]] = {}
+        self._privacy: privacy.Plan | None = None
+        self._layouts: dict[int | None, dict[str, torch.Size]] = {}
         # Whoever uses the shared model (a client's restore-train-snapshot, the server's
         # evaluation) holds this lock and loads a complete state first, so a client abandoned
         # after a timeout can never interleave with another.
@@ -158,6 +170,17 @@ class Runtime:
             masks.update(zip(cores, tt.pad_cores(ones, self.cfg.adapter.rank), strict=True))
         return masks
 
+    def layout(self, names: Sequence[str], rank: int | None = None
+               ) -> list[tuple[str, torch.Size]]:
+        """(name, shape) of travelling tensors as a client of TT rank `rank` holds them: the
+        layout of a packed payload (`payload.py`)."""
+        if rank not in self._layouts:
+            shapes = {n: self.params[n] for n in self.sent}
+            if rank:
+                shapes = self.at_rank(shapes, rank)
+            self._layouts[rank] = {n: t.shape for n, t in shapes.items()}
+        return [(n, self._layouts[rank][n]) for n in names]
+
     def snapshot(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: self.params[n].detach().clone() for n in names}
 
@@ -167,19 +190,12 @@ class Runtime:
             self.params[n].requires_grad_(n in wanted)
 
     # --- local DP (privacy.enabled) ---------------------------------------------------------
-    def privacy_plan(self, partition_id: int) -> tuple[float, float, int]:
-        """(sample rate, noise multiplier, planned steps) of a client's DP-SGD: the noise
-        for a target epsilon covers every step the client is planned to take (cross-device:
-        its expected number of rounds, rounded up)."""
-        if partition_id not in self._privacy:
-            f, t = self.cfg.federation, self.cfg.training
-            rate = privacy.sample_rate(t.batch_size, len(self.partitions[partition_id]))
-            rounds = f.rounds if f.mode == "cross-silo" else math.ceil(
-                f.rounds * self.cfg.clients_per_round() / f.num_clients)
-            planned = rounds * t.local_steps
-            self._privacy[partition_id] = (
-                rate, privacy.noise_for(self.cfg.privacy, rate, planned), planned)
-        return self._privacy[partition_id]
+    @property
+    def privacy_plan(self) -> privacy.Plan:
+        """Every client's DP-SGD plan (public values only, see `privacy.plan`)."""
+        if self._privacy is None:
+            self._privacy = privacy.plan(self.cfg, len(self.train_data))
+        return self._privacy
 
     # --- work -------------------------------------------------------------------------------
     def train_client(self, partition_id: int, server_round: int, names: Sequence[str],
@@ -205,11 +221,12 @@ class Runtime:
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
                 if self.cfg.privacy.enabled:
-                    _, noise, _ = self.privacy_plan(partition_id)
+                    dp = self.privacy_plan
                     loss = privacy.train_private(
                         self.model, self.train_data, rows, params, steps=t.local_steps,
-                        batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                        noise_multiplier=noise, max_grad_norm=self.cfg.privacy.max_grad_norm,
+                        rate=dp.rate, expected_batch=dp.expected_batch, lr=t.lr,
+                        weight_decay=t.weight_decay, noise_multiplier=dp.noise_multiplier,
+                        max_grad_norm=self.cfg.privacy.max_grad_norm,
                         generator=(privacy.SecureRandom() if self.cfg.privacy.secure_mode
                                    else generator),
                         masks=[masks.get(n) for n in trained])
@@ -224,8 +241,15 @@ class Runtime:
         return loss, len(rows)
 
     def evaluate_global(self) -> dict[str, float]:
-        return evaluate(self.model, self.test_data, batch_size=self.cfg.training.eval_batch_size,
-                        num_labels=self.num_labels)
+        """The loaded model on the test split, and (`val_*`) on the validation split."""
+        def on(data: Encoded) -> dict[str, float]:
+            return evaluate(self.model, data, batch_size=self.cfg.training.eval_batch_size,
+                            num_labels=self.num_labels)
+
+        metrics = on(self.test_data)
+        if self.val_data is not None:
+            metrics.update({f"val_{k}": v for k, v in on(self.val_data).items()})
+        return metrics
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         rows = self.test_partitions[partition_id]

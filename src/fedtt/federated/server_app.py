@@ -67,7 +67,8 @@ def run(grid: Grid, context: Context) -> dict:
     restores = resumed is not None and in_process and resumed["clients"] is not None
     if resumed:
         checkpoint.check_resumable(resumed, restores_clients=restores,
-                                   private=cfg.privacy.enabled, local_only=bool(rt.local_only))
+                                   private=cfg.privacy.enabled, local_only=bool(rt.local_only),
+                                   travelling={n: rt.initial[n] for n in rt.sent})
     progress = tqdm(total=cfg.federation.rounds, desc=f"{rt.method.name} rounds",
                     initial=resumed["round"] if resumed else 0,
                     disable=not context.run_config.get("fedtt-progress", False), file=sys.stderr)
@@ -79,56 +80,75 @@ def run(grid: Grid, context: Context) -> dict:
     strategy = FedTTStrategy(
         rt.method, initial, stateful=cfg.federation.mode == "cross-silo",
         num_clients=cfg.federation.num_clients, clients_per_round=cfg.clients_per_round(),
-        seed=cfg.training.seed, client_eval=cfg.federation.client_eval,
+        seed=cfg.training.seed, client_eval=rt.client_eval,
         ledger=recorder.ledger, guard=Safeguards(
             min_replies=cfg.federation.min_replies, round_retries=cfg.federation.round_retries,
             timeout=cfg.federation.timeout, max_update_norm=cfg.federation.max_update_norm,
-            max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data)),
-        precision=cfg.federation.precision)
+            update_norm_multiple=cfg.federation.update_norm_multiple,
+            max_abs_value=cfg.federation.max_abs_value, max_examples=len(rt.train_data),
+            max_eval_examples=len(rt.test_data),
+            client_examples=({i: len(rows) for i, rows in enumerate(rt.partitions)}
+                             if in_process else None),
+            max_weight_share=cfg.federation.max_weight_share),
+        precision=cfg.federation.precision, private=cfg.privacy.enabled,
+        max_participations=(rt.privacy_plan.participations
+                            if cfg.privacy.enabled and cfg.privacy.epsilon > 0 else None))
     if resumed:
         strategy.load_state(resumed["strategy"], clients_kept_state=restores)
         if restores:
             grid.load_client_states(resumed["clients"])
-    state = {"cumulative": recorder.rows[-1]["cumulative_bytes"] if recorder.rows else 0,
+    last = recorder.rows[-1] if recorder.rows else {}
+    state = {"cumulative": last.get("cumulative_bytes", 0),
+             "cumulative_wire": last.get("cumulative_wire_bytes", 0),
              "last": time.perf_counter()}
+    # A kept-local head lives only on its client: the server's copy of the model is not what
+    # any client predicts with, so trained rounds are scored by the clients' evaluations.
+    scored_by_clients = bool(rt.local_only)
 
     def evaluate_fn(server_round: int) -> None:
         eval_start = time.perf_counter()
         due = (server_round % cfg.federation.eval_every == 0
                or server_round == cfg.federation.rounds)
         metrics: dict = dict.fromkeys(("accuracy", "loss", "macro_f1"))
-        if due:
+        stats = strategy.stats.get(server_round, {})
+        if due and scored_by_clients and server_round > 0:
+            metrics = {k: stats.get(f"local_{k}") for k in metrics}
+        elif due:
             with rt.lock:
                 rt.load({**rt.initial, **strategy.global_state})  # the float32 master
                 metrics = rt.evaluate_global()
         eval_seconds = time.perf_counter() - eval_start
-        stats = strategy.stats.get(server_round, {})
         up, down = stats.get("upload_bytes", 0), stats.get("download_bytes", 0)
+        up_wire, down_wire = stats.get("upload_wire_bytes", 0), stats.get("download_wire_bytes", 0)
         state["cumulative"] += up + down
+        state["cumulative_wire"] += up_wire + down_wire
         now = time.perf_counter()
         row = {"round": server_round, "method": rt.method.name, **metrics,
                "upload_bytes": up, "download_bytes": down,
-               "cumulative_bytes": state["cumulative"], "clients": stats.get("clients", []),
+               "cumulative_bytes": state["cumulative"],
+               "upload_wire_bytes": up_wire, "download_wire_bytes": down_wire,
+               "cumulative_wire_bytes": state["cumulative_wire"],
+               "clients": stats.get("clients", []),
                "seconds": now - state["last"],
                "epsilon": max(strategy.epsilon.values()) if strategy.epsilon else None,
                "train_loss": stats.get("train_loss"),
-               "upload_wire_bytes": stats.get("upload_wire_bytes", 0),
+               "clients_out_of_budget": strategy.out_of_budget(),
                "client_train_seconds": stats.get("client_train_seconds", 0.0),
                "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
                "eval_seconds": eval_seconds,
                "failed": stats.get("failed", []), "rejected": stats.get("rejected", []),
                "retries": stats.get("retries", 0)}
         for key in ("aggregation_gap", "local_accuracy", "local_loss", "local_macro_f1",
-                    "update_norms"):
+                    "update_norms", "clipped"):
             if key in stats:
                 row[key] = stats[key]
         recorder.round(json.loads(json.dumps(row)))
         state["last"] = now
         if server_round > 0:
             progress.update(1)
-            if due:
+            if due and metrics["accuracy"] is not None:
                 progress.set_postfix(acc=f"{metrics['accuracy']:.3f}",
-                                     MB=f"{state['cumulative'] / 1e6:.2f}")
+                                     MB=f"{state['cumulative_wire'] / 1e6:.2f}")
 
     def after_round(server_round: int) -> None:
         checkpoint.save(recorder.dir, server_round, strategy.state(),
@@ -163,6 +183,8 @@ def run(grid: Grid, context: Context) -> dict:
         "epsilon_per_client": ({str(c): e for c, e in sorted(strategy.epsilon.items())}
                                if cfg.privacy.enabled else None),
         "privacy": dataclasses.asdict(cfg.privacy),
+        "accuracy_source": "clients" if scored_by_clients else "server",
+        "clients_out_of_budget": strategy.out_of_budget(),
         "resumed_from_round": resumed["round"] if resumed else None,
     }, plots=cfg.output.plots)
     if stopped:

@@ -4,30 +4,38 @@
 - Download: versioned sync. Each global tensor remembers the round it last changed; a stateful
   client receives only tensors newer than the global it holds, a stateless one all of them.
 - Upload: the method decides which tensors train this round (FedTT+: its core mask), sent to
-  clients as a list of names; replies must carry exactly those.
+  clients as a bit mask over the travelling tensors; replies must carry exactly those.
 - Aggregation: the method's own (`Method.aggregate`), merged into the full global record.
 - Per-client TT ranks (fedtt, exact aggregation): a client below the global rank declares its
   rank in each reply; from then on it gets each TT layer's TT-SVD rounding to that rank.
 - Precision: tensors travel in `federation.precision`; the global master stays float32.
+- Packing: what a message carries travels as one array, with a bit mask of which tensors it
+  holds (`payload.py`): Flower's framing per tensor would otherwise outweigh small TT cores.
 - Ledger: one row per travelling tensor per client per round per direction, sent or not, with
-  the bytes actually sent (the client's rank, the wire precision).
-- Untrusted replies: validated (`validate.py`) before aggregation; failures, rejections and
-  missing replies are recorded; below `min_replies` the round is retried, then the run stops
-  with the global model unchanged.
+  its payload bytes (the client's rank, the wire precision), and one row per message, both
+  ways, with Flower's bytes for the whole message (`wire_bytes`: what crosses the wire).
+- Local DP: replies carry no row counts and weigh the same; with a target epsilon only
+  clients with rounds of budget left are sampled, so budget never stops a run.
+- Untrusted replies: exactly one accepted reply per sampled node per round, answering the
+  message sent to it; validated (`validate.py`) before aggregation, tensors and metrics alike;
+  each update clipped to a multiple of the round's median update norm (and any fixed bound);
+  example counts checked against the partitions where known and each weight share capped;
+  failures, rejections and missing replies are recorded; below `min_replies` the round is
+  retried, then the run stops with the global model unchanged.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -35,16 +43,25 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedtt import tt
-from fedtt.federated import wire
-from fedtt.federated.validate import Rejected, ReplyRules, check_train_reply, clip_update
+from fedtt.federated import payload, wire
+from fedtt.federated.validate import (
+    Rejected,
+    ReplyRules,
+    check_evaluate_reply,
+    check_train_reply,
+    clip_update,
+    update_norm,
+)
 from fedtt.methods import Method, core_groups, largest_core_rank
 
 LedgerSink = Callable[[list[dict]], None]
+NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE  # Flower's reply for a node that is gone
 
 
 class FedTTStrategy(FedAvg):
@@ -53,7 +70,8 @@ class FedTTStrategy(FedAvg):
     def __init__(self, method: Method, initial: dict[str, torch.Tensor], *, stateful: bool,
                  num_clients: int, clients_per_round: int, seed: int, client_eval: bool,
                  ledger: LedgerSink, guard: Safeguards, wait_seconds: float = 600.0,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", private: bool = False,
+                 max_participations: int | None = None) -> None:
         super().__init__(min_available_nodes=num_clients)
         self.client_eval = client_eval
         self.guard = guard
@@ -65,8 +83,8 @@ class FedTTStrategy(FedAvg):
         self.sent = list(initial)
         self.global_state = {n: t.detach().clone() for n, t in initial.items()}
         self.version = dict.fromkeys(self.sent, 0)
-        # Serialised once per version (and TT rank), shared by every message that sends it.
-        self._arrays: dict[tuple[str, int | None], Array] = {}
+        # Packed once per (tensor set, TT rank) and version, shared by every message sending it.
+        self._packed: dict[tuple[tuple[str, ...], int | None], ArrayRecord] = {}
         # Per-client TT ranks: clients below the global rank declare theirs in each reply
         # and get each TT layer rounded to it (TT-SVD, computed once per rank and version).
         self.groups = core_groups(self.sent)
@@ -80,20 +98,31 @@ class FedTTStrategy(FedAvg):
         self._will_hold: dict[int, int] = {}  # ... once its reply proves it got the payload
         self.stateful, self.num_clients = stateful, num_clients
         self.clients_per_round = clients_per_round
+        # Local DP: replies carry no row counts and weigh the same; a target epsilon allows
+        # each client `max_participations` rounds, and only clients with rounds left are asked.
+        self.private = private
+        self.max_participations = max_participations
+        self.participations: dict[int, int] = {}  # node -> train messages sent to it
         self.rng = random.Random(seed)
         self.ledger = ledger
         self.wait_seconds = wait_seconds
         self.round_train: list[str] = []
         self.sampled: list[int] = []
+        self.outbox: dict[int, Message] = {}  # node -> the train message last sent to it
+        self.unavailable: set[int] = set()  # nodes Flower reported gone this round
+        self._waited = False
+        self.accepted_nodes: set[int] = set()  # nodes whose reply this round was accepted
         self.pending: dict[int, list[dict]] = {}
         self.stats: dict[int, dict] = {}
 
     # --- helpers ---------------------------------------------------------------------------
-    def _array(self, name: str, rank: int | None = None) -> Array:
-        key = (name, rank if name in self.core_layer else None)
-        if key not in self._arrays:
-            self._arrays[key] = wire.to_array(self._tensor(name, rank), self.precision)
-        return self._arrays[key]
+    def _record(self, names: Sequence[str], rank: int | None = None) -> ArrayRecord:
+        """`names` (global tensors, at TT rank `rank`) packed for the wire."""
+        key = (tuple(names), rank)
+        if key not in self._packed:
+            self._packed[key] = payload.pack([self._tensor(n, rank) for n in names],
+                                             self.precision)
+        return self._packed[key]
 
     def _tensor(self, name: str, rank: int | None) -> torch.Tensor:
         """A global tensor as a client of TT rank `rank` gets it (None: the global rank)."""
@@ -123,18 +152,23 @@ class FedTTStrategy(FedAvg):
         return int(value) if value < self.full_rank else None
 
     def global_record(self) -> ArrayRecord:
-        return ArrayRecord(array_dict={n: self._array(n) for n in self.sent})
+        return self._record(self.sent)
 
     def _nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.wait_seconds
+        """The nodes online: before the first round, waiting up to `wait_seconds` for all
+        of them; later, those Flower still lists (a dead node does not stall a round)."""
+        deadline = time.monotonic() + (0.0 if self._waited else self.wait_seconds)
+        self._waited = True
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= self.num_clients or time.monotonic() > deadline:
                 return nodes
             time.sleep(0.5)
 
-    def _payload(self, node: int, server_round: int, kind: str) -> ArrayRecord:
-        """The tensors `node` lacks; records their download ledger rows as pending."""
+    def _payload(self, node: int, server_round: int, kind: str
+                 ) -> tuple[ArrayRecord, bytes, int | None]:
+        """The tensors `node` lacks, packed, their mask and TT rank; records their download
+        ledger rows as pending."""
         held = self.held.get(node) if self.stateful else None
         names = [n for n in self.sent if held is None or self.version[n] > held]
         chosen, rank = set(names), self.client_rank.get(node)
@@ -145,7 +179,26 @@ class FedTTStrategy(FedAvg):
             self._will_hold[node] = server_round - 1 if kind == "train" else server_round
         stats = self.stats.setdefault(server_round, _empty_stats())
         stats["download_bytes"] += sum(r["bytes"] for r in rows)
-        return ArrayRecord(array_dict={n: self._array(n, rank) for n in names})
+        return self._record(names, rank), payload.mask_of(self.sent, chosen), rank
+
+    def _message(self, node: int, server_round: int, kind: str, content: RecordDict
+                 ) -> Message:
+        """A message to `node`; its wire bytes go to the ledger with the node's other rows."""
+        msg = Message(content=content, message_type=kind, dst_node_id=node,
+                      group_id=str(server_round))
+        size = payload.message_bytes(msg)
+        self.pending.setdefault(node, []).append(
+            self._message_row(server_round, "down", kind.split(".")[-1], size))
+        self.stats.setdefault(server_round, _empty_stats())["download_wire_bytes"] += size
+        return msg
+
+    def _message_row(self, server_round: int, direction: str, kind: str, size: int,
+                     client: int | None = None, **extra: object) -> dict:
+        """A ledger row for one whole message: Flower's bytes for it (`wire_bytes`)."""
+        return {"round": server_round, "client": client, "direction": direction, "kind": kind,
+                "name": None, "shape": None, "dtype": self.precision, "bytes": 0,
+                "wire_bytes": size,
+                "sent": True, **extra}
 
     def _row(self, server_round: int, direction: str, kind: str, name: str, sent: bool,
              client: int | None = None, tensor: torch.Tensor | None = None) -> dict:
@@ -154,7 +207,7 @@ class FedTTStrategy(FedAvg):
         return {"round": server_round, "client": client, "direction": direction, "kind": kind,
                 "name": name, "shape": list(tensor.shape), "dtype": self.precision,
                 "bytes": tensor.numel() * wire.itemsize(self.precision) if sent else 0,
-                "sent": sent}
+                "wire_bytes": 0, "sent": sent}
 
     def _delivered(self, node: int) -> None:
         """A valid reply proves the node got its payload: it now holds that version."""
@@ -175,7 +228,7 @@ class FedTTStrategy(FedAvg):
                 "version": dict(self.version), "held": dict(self.held),
                 "node_client": dict(self.node_client), "rng": self.rng.getstate(),
                 "client_rank": dict(self.client_rank), "epsilon": dict(self.epsilon),
-                "method": self.method.state()}
+                "participations": dict(self.participations), "method": self.method.state()}
 
     def load_state(self, state: dict, *, clients_kept_state: bool) -> None:
         """Restore `state()`; without the clients' own state, resend everything once."""
@@ -185,9 +238,10 @@ class FedTTStrategy(FedAvg):
         self.node_client = dict(state["node_client"])
         self.client_rank = dict(state["client_rank"])
         self.epsilon = dict(state["epsilon"])
+        self.participations = dict(state.get("participations", {}))
         self.rng.setstate(state["rng"])
         self.method.load_state(state["method"])
-        self._arrays.clear()
+        self._packed.clear()
         self._rounded.clear()
 
     def run_rounds(self, grid: Grid, *, first_round: int, num_rounds: int, timeout: float,
@@ -218,32 +272,53 @@ class FedTTStrategy(FedAvg):
         nodes = self._nodes(grid)
         if len(nodes) < self.clients_per_round:
             log(WARNING, "only %d of %d clients available", len(nodes), self.clients_per_round)
+        self.stats[server_round] = _empty_stats()
+        self.outbox, self.accepted_nodes, self.unavailable = {}, set(), set()
+        if self.max_participations is not None:  # a target epsilon: only clients with budget
+            nodes = [n for n in nodes
+                     if self.participations.get(n, 0) < self.max_participations]
         k = min(self.clients_per_round, len(nodes))
         self.sampled = nodes if k == len(nodes) else sorted(self.rng.sample(nodes, k))
-        self.round_train = self.method.round_names(server_round, self.sent)
-        self.stats[server_round] = _empty_stats()
+        chosen = set(self.method.round_names(server_round, self.sent))
+        self.round_train = [n for n in self.sent if n in chosen]
         self._grid, self._config = grid, config
         return [self._train_message(node, server_round) for node in self.sampled]
 
+    def out_of_budget(self) -> int:
+        """Clients that have used every round their target epsilon allows."""
+        if self.max_participations is None:
+            return 0
+        return sum(n >= self.max_participations for n in self.participations.values())
+
     def _train_message(self, node: int, server_round: int) -> Message:
-        cfg = ConfigRecord({**dict(self._config), "server-round": server_round,
-                            "train": list(self.round_train), "stateful": self.stateful})
-        content = RecordDict({"arrays": self._payload(node, server_round, "train"),
-                              "config": cfg})
-        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
-                       group_id=str(server_round))
+        arrays, mask, rank = self._payload(node, server_round, "train")
+        cfg = ConfigRecord({**dict(self._config), **payload.train_config(
+            server_round, payload.mask_of(self.sent, self.round_train), mask, self.stateful,
+            rank)})
+        self.participations[node] = self.participations.get(node, 0) + 1
+        self.outbox[node] = self._message(node, server_round, MessageType.TRAIN,
+                                          RecordDict({"arrays": arrays, "config": cfg}))
+        return self.outbox[node]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats[server_round]
+        if not self.sampled and self.max_participations is not None:
+            log(WARNING, "round %d: every client has spent its privacy budget; the global "
+                "model stays as it is", server_round)
+            stats["retries"] = 0
+            return self.global_record(), MetricRecord({})
+        needed = self.guard.min_replies
+        if self.max_participations is not None:  # fewer clients have budget left
+            needed = min(needed, len(self.sampled))
         accepted = self._screen(server_round, list(replies), self.sampled)
         retries = 0
-        while len(accepted) < self.guard.min_replies and retries < self.guard.round_retries:
+        while len(accepted) < needed and retries < self.guard.round_retries:
             retries += 1
             answered = {a.node for a in accepted}
-            again = [n for n in self.sampled if n not in answered]
+            again = [n for n in self.sampled if n not in answered and n not in self.unavailable]
             log(WARNING, "round %d: %d valid replies, %d needed; asking %d clients again",
-                server_round, len(accepted), self.guard.min_replies, len(again))
+                server_round, len(accepted), needed, len(again))
             assert self._grid is not None
             more = self._grid.send_and_receive(
                 [self._train_message(n, server_round) for n in again],
@@ -252,7 +327,7 @@ class FedTTStrategy(FedAvg):
         stats["retries"] = retries
         stats["client_train_seconds"] = sum(a.metrics.get("train_seconds", 0.0)
                                             for a in accepted)
-        if len(accepted) < self.guard.min_replies:
+        if len(accepted) < needed:
             problems = "; ".join(f"client {f.get('client')}: {f['reason'].splitlines()[0]}"
                                  for f in stats["failed"] + stats["rejected"])
             raise RoundFailed(server_round,
@@ -261,12 +336,15 @@ class FedTTStrategy(FedAvg):
                 f"{self.guard.min_replies} after {retries} retries; the run stops and the "
                 f"global model stays that of round {server_round - 1}. {problems}")
         agg_start = time.perf_counter()
+        self._bound_updates(server_round, accepted)
+        weights = capped_shares([a.examples for a in accepted], self.guard.max_weight_share)
         new, method_metrics = self.method.aggregate(
-            server_round, self.global_state, [(a.tensors, a.examples) for a in accepted])
+            server_round, self.global_state,
+            [(a.tensors, w) for a, w in zip(accepted, weights, strict=True)])
         for name, value in new.items():
             self.global_state[name] = value
             self.version[name] = server_round
-        self._arrays = {k: a for k, a in self._arrays.items() if k[0] not in new}
+        self._packed.clear()
         self._rounded.clear()
         stats["aggregate_seconds"] = time.perf_counter() - agg_start
         losses = [(a.metrics["train_loss"], a.examples) for a in accepted
@@ -280,6 +358,26 @@ class FedTTStrategy(FedAvg):
             reply["train_loss"] = stats["train_loss"]
         return self.global_record(), MetricRecord(reply)
 
+    def _bound_updates(self, server_round: int, accepted: list[Accepted]) -> None:
+        """Clip each update (all its tensors together) to `max_update_norm` and to
+        `update_norm_multiple` times the round's median update norm: one client's update,
+        poisoned but finite, cannot outweigh the honest majority's."""
+        norms = [update_norm(a.tensors, a.base) for a in accepted]
+        bound = self.guard.max_update_norm or math.inf
+        if self.guard.update_norm_multiple > 0 and len(accepted) >= 3:
+            bound = min(bound, self.guard.update_norm_multiple * statistics.median(norms))
+        stats = self.stats[server_round]
+        stats["update_norms"] = {str(a.client): n for a, n in zip(accepted, norms, strict=True)}
+        clipped = []
+        for a, norm in zip(accepted, norms, strict=True):
+            if norm > bound:
+                a.tensors, _ = clip_update(a.tensors, a.base, bound)
+                clipped.append(a.client)
+        if clipped:
+            stats["clipped"] = clipped
+            log(WARNING, "round %d: clipped the updates of clients %s to norm %.4g",
+                server_round, clipped, bound)
+
     def _screen(self, server_round: int, replies: list[Message],
                 asked: list[int]) -> list[Accepted]:
         """Validate replies; record failures, rejections and the ledger; keep the good ones."""
@@ -289,29 +387,34 @@ class FedTTStrategy(FedAvg):
             return ReplyRules(expected={n: self._tensor(n, rank) for n in self.round_train},
                               num_partitions=self.num_clients,
                               max_examples=self.guard.max_examples,
-                              max_abs_value=self.guard.max_abs_value, precision=self.precision)
+                              max_abs_value=self.guard.max_abs_value, precision=self.precision,
+                              counts=not self.private)
 
         accepted, answered = [], set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            size = payload.message_bytes(msg)
+            stats["upload_wire_bytes"] += size
+            node, unsolicited = self._addressee(msg)
+            if unsolicited:
+                self._reject(server_round, node, unsolicited, size)
+                continue
             answered.add(node)
             if msg.has_error():
+                if msg.error.code == NODE_UNAVAILABLE:
+                    self.unavailable.add(node)
                 self._fail(server_round, node, f"client error: {msg.error.reason}")
+                self.ledger([self._message_row(server_round, "up", "train", size,
+                                               self.node_client.get(node))])
                 continue
             try:
                 rank = self._declared_rank(msg)
                 rules = rules_at(rank)
                 tensors, examples, client, metrics = check_train_reply(msg.content, rules)
+                self._check_identity(node, client, examples)
             except Rejected as exc:
-                client = self.node_client.get(node)
-                log(WARNING, "round %d: rejected reply from node %d (client %s): %s",
-                    server_round, node, client, exc)
-                stats["rejected"].append({"client": client, "node": node, "reason": str(exc)})
-                self._flush(node, client)
-                self.ledger([{"round": server_round, "client": client, "direction": "up",
-                              "kind": "train", "name": None, "shape": None, "dtype": None,
-                              "bytes": _wire_bytes(msg), "sent": True, "rejected": str(exc)}])
+                self._reject(server_round, node, str(exc), size)
                 continue
+            self.accepted_nodes.add(node)
             self.node_client[node] = client
             if rank is not None:
                 self.client_rank[node] = rank
@@ -319,20 +422,59 @@ class FedTTStrategy(FedAvg):
                 self.epsilon[client] = metrics["epsilon"]
             self._delivered(node)
             self._flush(node, client)
-            if self.guard.max_update_norm > 0:
-                tensors, norm = clip_update(tensors, rules.expected, self.guard.max_update_norm)
-                stats.setdefault("update_norms", {})[str(client)] = norm
             self.ledger([self._row(server_round, "up", "train", n, n in tensors, client,
-                                   tensor=tensors.get(n)) for n in self.sent])
+                                   tensor=tensors.get(n)) for n in self.sent]
+                        + [self._message_row(server_round, "up", "train", size, client)])
             stats["upload_bytes"] += sum(t.numel() for t in tensors.values()) * wire.itemsize(
                 self.precision)
-            stats["upload_wire_bytes"] += msg.content["arrays"].count_bytes()
             stats["clients"].append(client)
-            accepted.append(Accepted(node, client, tensors, examples, metrics))
+            accepted.append(Accepted(node, client, tensors, examples, metrics, rules.expected))
         for node in asked:
             if node not in answered:
                 self._fail(server_round, node, "no reply before the timeout (dropped out or hung)")
         return accepted
+
+    def _addressee(self, msg: Message) -> tuple[int, str | None]:
+        """The node a reply answers for (the one its message was sent to: Flower's own error
+        replies for a node come from the SuperLink), and why it is refused, if it is: one
+        accepted reply per sampled node per round, to the message last sent to it."""
+        sender = msg.metadata.src_node_id
+        asked = {m.metadata.message_id: n for n, m in self.outbox.items()}
+        node = asked.get(msg.metadata.reply_to_message_id)
+        if node is None:
+            return sender, ("reply to a message this round did not send it (replayed or "
+                            "stale)" if sender in self.outbox else
+                            "reply from a node that was not asked this round")
+        if sender != node and not msg.has_error():
+            return sender, f"reply from node {sender} to the message sent to node {node}"
+        if node in self.accepted_nodes:
+            return node, "second reply from a node this round"
+        return node, None
+
+    def _check_identity(self, node: int, client: int, examples: float) -> None:
+        """A node keeps one partition id, no two nodes share one, and a client claims no
+        more rows than it has where the server knows (in-process); Rejected if not."""
+        known = self.node_client.get(node)
+        if known is not None and known != client:
+            raise Rejected(f"partition-id {client} from the node that was client {known}")
+        owner = next((n for n, c in self.node_client.items() if c == client and n != node),
+                     None)
+        if owner is not None:
+            raise Rejected(f"partition-id {client} already belongs to node {owner}")
+        bound = (self.guard.client_examples or {}).get(client)
+        if bound is not None and examples > bound:
+            raise Rejected(f"num-examples {examples:g} is more than client {client}'s "
+                           f"{bound} rows")
+
+    def _reject(self, server_round: int, node: int, reason: str, size: int) -> None:
+        client = self.node_client.get(node)
+        log(WARNING, "round %d: rejected reply from node %d (client %s): %s", server_round,
+            node, client, reason)
+        self.stats[server_round]["rejected"].append(
+            {"client": client, "node": node, "reason": reason})
+        self._flush(node, client)
+        self.ledger([self._message_row(server_round, "up", "train", size, client,
+                                       rejected=reason)])
 
     def _fail(self, server_round: int, node: int, reason: str) -> None:
         client = self.node_client.get(node)
@@ -348,31 +490,32 @@ class FedTTStrategy(FedAvg):
             return []
         messages = []
         for node in self.sampled:
-            cfg = ConfigRecord({**dict(config), "server-round": server_round,
-                                "stateful": self.stateful})
-            content = RecordDict({"arrays": self._payload(node, server_round, "evaluate"),
-                                  "config": cfg})
-            messages.append(Message(content=content, message_type=MessageType.EVALUATE,
-                                    dst_node_id=node, group_id=str(server_round)))
+            packed, mask, rank = self._payload(node, server_round, "evaluate")
+            cfg = ConfigRecord({**dict(config), "server-round": server_round, "arrays": mask,
+                                "rank": rank or 0, "stateful": self.stateful})
+            messages.append(self._message(node, server_round, MessageType.EVALUATE,
+                                          RecordDict({"arrays": packed, "config": cfg})))
         return messages
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
         sums: dict[str, float] = {}
         total = 0.0
+        stats = self.stats[server_round]
         for msg in replies:
             node = msg.metadata.src_node_id
+            size = payload.message_bytes(msg)
+            stats["upload_wire_bytes"] += size
+            client = self.node_client.get(node)
+            self._flush(node, client)
+            self.ledger([self._message_row(server_round, "up", "evaluate", size, client)])
             if msg.has_error():
-                self._flush(node, self.node_client.get(node))
                 continue
-            self._flush(node, self.node_client.get(node))
             try:
-                metrics = msg.content["metrics"]
-                w = float(metrics["num-examples"])
-                local = {k: float(v) for k, v in metrics.items() if k.startswith("local_")}
-            except Exception:  # an untrusted reply: no usable metrics, skip it
-                continue
-            if not (w > 0 and all(map(math.isfinite, [w, *local.values()]))):
+                w, local = check_evaluate_reply(msg.content, self.guard.max_eval_examples)
+            except Rejected as exc:  # an untrusted reply: no usable metrics
+                stats["rejected"].append({"client": client, "node": node, "kind": "evaluate",
+                                          "reason": str(exc)})
                 continue
             self._delivered(node)
             total += w
@@ -381,7 +524,7 @@ class FedTTStrategy(FedAvg):
         if total == 0:
             return None
         result = {k: v / total for k, v in sums.items()}
-        self.stats[server_round].update(result)
+        stats.update(result)
         return MetricRecord(result)
 
 
@@ -393,8 +536,12 @@ class Safeguards:
     round_retries: int = 1
     timeout: float = 600.0
     max_update_norm: float = 0.0
+    update_norm_multiple: float = 2.0
     max_abs_value: float = 1e4
     max_examples: int = 10**9
+    max_eval_examples: int = 10**9
+    client_examples: Mapping[int, int] | None = None  # exact rows per client, when known
+    max_weight_share: float = 1.0
 
 
 @dataclass
@@ -404,6 +551,24 @@ class Accepted:
     tensors: dict[str, torch.Tensor]
     examples: float
     metrics: dict[str, float]
+    base: Mapping[str, torch.Tensor]  # the tensors the client was sent (its update's origin)
+
+
+def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
+    """`weights` with no share above `cap` (at least 1/n): the largest are lowered to a
+    common level t, found by bisection, so that t / sum(min(w, t)) = cap."""
+    total = float(sum(weights))
+    cap = max(cap, 1.0 / len(weights))
+    if total <= 0 or max(weights) <= cap * total:
+        return list(weights)
+    low, high = 0.0, float(max(weights))
+    for _ in range(60):
+        mid = (low + high) / 2
+        if mid <= cap * sum(min(w, mid) for w in weights):
+            low = mid
+        else:
+            high = mid
+    return [min(w, low) for w in weights]
 
 
 class RoundFailed(RuntimeError):
@@ -414,15 +579,9 @@ class RoundFailed(RuntimeError):
         self.server_round = server_round
 
 
-def _wire_bytes(msg: Message) -> int:
-    try:
-        return int(msg.content["arrays"].count_bytes())
-    except Exception:  # a reply malformed enough to have no countable arrays
-        return 0
-
-
 def _empty_stats() -> dict:
-    return {"upload_bytes": 0, "download_bytes": 0, "upload_wire_bytes": 0, "clients": [],
+    return {"upload_bytes": 0, "download_bytes": 0, "upload_wire_bytes": 0,
+            "download_wire_bytes": 0, "clients": [],
             "failed": [], "rejected": [], "started": time.perf_counter()}
 
 

@@ -1,8 +1,9 @@
 """Server-side validation of client replies: every reply is untrusted input.
 
-A train reply must carry exactly the tensors the server asked for this round, each with the
-shape and dtype it was sent with, finite and of bounded magnitude, in no more bytes than that
-plan allows, plus a positive, integral, plausible example count and the client's partition id.
+A train reply must carry exactly the tensors the server asked for this round, packed into one
+array (`payload.py`) of the wire dtype and the length of their shapes, finite and of bounded
+magnitude, in no more bytes than that plan allows, plus a positive, integral, plausible
+example count (not under local DP) and the client's partition id.
 Arrays are decoded only by `wire.from_array` (raw bytes behind an exact .npy header, else numpy
 with `allow_pickle=False`), and only after their byte size has been checked, so a reply cannot
 make the server allocate more than the plan says. A failing reply raises `Rejected` with a
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedtt.federated import wire
+from fedtt.federated import payload, wire
 
 NPY_HEADER_ALLOWANCE = 256  # bytes of .npy header on top of the raw data
 
@@ -36,31 +37,67 @@ class ReplyRules:
     max_examples: int
     max_abs_value: float
     precision: str = "float32"  # dtype on the wire; decoded tensors come back as `expected`'s
+    counts: bool = True  # replies carry num-examples (not under local DP: every reply weighs 1)
 
 
 def check_train_reply(content: RecordDict, rules: ReplyRules
                       ) -> tuple[dict[str, torch.Tensor], float, int, dict[str, float]]:
-    """(tensors, example count, partition id, other metrics) of a valid reply, else Rejected."""
+    """(tensors, example count, partition id, other metrics) of a valid reply, else Rejected.
+
+    The tensors arrive packed (`payload.py`) in the order of `rules.expected`; without
+    `rules.counts` the example count is 1 for every reply."""
     metrics = _record(content, "metrics", MetricRecord)
     arrays = _record(content, "arrays", ArrayRecord)
     client = _integer(metrics, "partition-id", 0, rules.num_partitions - 1)
-    examples = _integer(metrics, "num-examples", 1, rules.max_examples)
-    names = list(arrays.keys())
-    missing = [n for n in rules.expected if n not in arrays]
-    extra = [n for n in names if n not in rules.expected]
-    if missing or extra:
-        raise Rejected(f"wrong tensors: missing {_few(missing)}, unexpected {_few(extra)}")
-    tensors = {name: _tensor(name, arrays[name], ref, rules.precision)
-               for name, ref in rules.expected.items()}
+    examples = _integer(metrics, "num-examples", 1, rules.max_examples) if rules.counts else 1
+    try:
+        packed = payload.packed_array(arrays)
+    except ValueError as exc:
+        raise Rejected(f"wrong tensors: {exc}") from None
+    layout = [(name, ref.shape) for name, ref in rules.expected.items()]
+    total = sum(ref.numel() for ref in rules.expected.values())
+    flat = _tensor(payload.PACKED, packed, torch.empty(total, device="meta"), rules.precision)
+    tensors = {name: t.to(rules.expected[name].dtype)
+               for name, t in payload.split(flat, layout).items()}
     _check_values(tensors, rules.max_abs_value)
-    others = {}
-    for key, value in metrics.items():
-        if key in ("partition-id", "num-examples"):
-            continue
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise Rejected(f"metric {key!r} is not a finite number")
-        others[key] = float(value)
+    skip = ("partition-id", "num-examples", "tt-rank")  # checked above or by the strategy
+    others = _check_metrics({k: v for k, v in metrics.items() if k not in skip}, TRAIN_METRICS)
     return tensors, float(examples), client, others
+
+
+# What a reply may report besides its tensors: key -> (lowest, highest, integral).
+TRAIN_METRICS = {"train_loss": (0.0, 1e6, False), "train_seconds": (0.0, 1e7, False),
+                 "epsilon": (0.0, 1e6, False), "dp_steps": (0, 10**12, True)}
+EVALUATE_METRICS = {"local_accuracy": (0.0, 1.0, False), "local_macro_f1": (0.0, 1.0, False),
+                    "local_loss": (0.0, 1e6, False)}
+
+
+def check_evaluate_reply(content: RecordDict, max_examples: int
+                         ) -> tuple[float, dict[str, float]]:
+    """(example count, metrics) of a valid evaluate reply, else Rejected."""
+    metrics = _record(content, "metrics", MetricRecord)
+    examples = _integer(metrics, "num-examples", 1, max_examples)
+    skip = ("partition-id", "num-examples")
+    return float(examples), _check_metrics(
+        {k: v for k, v in metrics.items() if k not in skip}, EVALUATE_METRICS)
+
+
+def _check_metrics(metrics: Mapping, schema: Mapping[str, tuple[float, float, bool]]
+                   ) -> dict[str, float]:
+    """Every metric known, a finite number and in its range, like a tensor; else Rejected."""
+    out = {}
+    for key, value in metrics.items():
+        if key not in schema:
+            raise Rejected(f"unknown metric {key!r}")
+        low, high, integral = schema[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise Rejected(f"metric {key!r} is not a finite number: {value!r}")
+        if not low <= value <= high or (integral and value != int(value)):
+            kind = "an integer" if integral else "a number"
+            raise Rejected(f"metric {key!r} = {value!r} is not {kind} in [{low:g}, {high:g}]")
+        out[key] = float(value)
+    return out
 
 
 def _record(content: RecordDict, key: str, kind: type):
@@ -94,7 +131,7 @@ def _tensor(name: str, array, ref: torch.Tensor, precision: str) -> torch.Tensor
         value = wire.from_array(array)  # truncated, corrupt, pickled, lying: refused
     except ValueError as exc:
         raise Rejected(f"{name}: {exc}") from None
-    return value.to(ref.dtype)  # the server's master copy stays in its own precision
+    return value.float()  # the server's master copy stays in float32
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor], max_abs: float) -> None:
@@ -112,11 +149,10 @@ def _check_values(tensors: Mapping[str, torch.Tensor], max_abs: float) -> None:
             raise Rejected(f"{name}: |value| up to {float(t.abs().max()):.3g} exceeds "
                            f"{max_abs:g}")
 
-def _few(names: list[str], limit: int = 3) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+def update_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a client's update, new - old over all its tensors together."""
+    return math.sqrt(sum(float((new[n] - old[n]).double().pow(2).sum()) for n in new))
 
 
 def clip_update(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor],
@@ -125,7 +161,7 @@ def clip_update(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
 
     Returns the clipped tensors and the update's original norm.
     """
-    norm = math.sqrt(sum(float((new[n] - old[n]).double().pow(2).sum()) for n in new))
+    norm = update_norm(new, old)
     if norm <= max_norm or norm == 0.0:
         return dict(new), norm
     scale = max_norm / norm

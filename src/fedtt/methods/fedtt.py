@@ -1,8 +1,9 @@
 """FedTT (TT adapters, every trainable tensor travels) and FedTT+ (most TT cores frozen per round).
 
 FedTT+'s freezing is a server-side policy: each round it picks, for every TT layer, the cores
-that train (first, last, and one intermediate core) and sends their names with the round's
-message; the other cores stay frozen on every client and never travel.
+that train (first, last, and one intermediate core), which the round's message names (a bit
+mask over the travelling tensors); the other cores stay frozen on every client and never
+travel.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ class FedTT(Method):
                   replies: Replies) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """FedAvg; with `exact`, each TT layer's cores are replaced by the TT-SVD rounding
         of the average of the clients' rebuilt tensors, which also admits clients of lower
-        TT ranks (their replies carry smaller cores)."""
+        TT ranks (their replies carry smaller cores).
+
+        Logs `aggregation_gap`: how far the applied aggregate's rebuilt tensors lie from the
+        average of the clients' rebuilt tensors, relative to the round's update (that
+        average minus the current tensors), over every TT layer the replies carry."""
         groups = core_groups(list(current))
         cores_of = {c for cores in groups.values() for c in cores}
         mixed = any(t.shape != current[n].shape for state, _ in replies
@@ -60,25 +65,24 @@ class FedTT(Method):
             raise ValueError("replies of different TT ranks need method.aggregation = 'exact'")
         new = fedavg([({n: t for n, t in state.items() if not (mixed and n in cores_of)}, w)
                       for state, w in replies])
-        gap_num, gap_den = 0.0, 0.0
+        error, update = 0.0, 0.0
         for cores in groups.values():
             if not any(c in replies[0][0] for c in cores):
                 continue
-            exact = _average_full(current, replies, cores)
-            if not mixed:
-                factor = tt.tt_to_full([new.get(c, current[c]) for c in cores])
-                gap_num += float((factor.to(torch.float64) - exact).pow(2).sum())
-                gap_den += float(exact.pow(2).sum())
+            target = _average_full(current, replies, cores)
             if self.cfg.aggregation == "exact":
                 modes = [current[c].shape[1] for c in cores]
                 rank = max(current[c].shape[2] for c in cores)
-                rounded = tt.pad_cores(tt.tt_svd(exact, modes, rank), rank)
+                rounded = tt.pad_cores(tt.tt_svd(target, modes, rank), rank)
                 for c, value in zip(cores, rounded, strict=True):
                     new[c] = value.to(current[c].dtype)
-        if mixed:  # no single factor average exists to compare with
+            applied = tt.tt_to_full([new.get(c, current[c]) for c in cores]).to(torch.float64)
+            before = tt.tt_to_full([current[c] for c in cores]).to(torch.float64)
+            error += float((applied - target).pow(2).sum())
+            update += float((target - before).pow(2).sum())
+        if update == 0.0:
             return new, {}
-        gap = math.sqrt(gap_num / gap_den) if gap_den > 0 else 0.0
-        return new, {"aggregation_gap": gap}
+        return new, {"aggregation_gap": math.sqrt(error / update)}
 
 
 def _average_full(current: Mapping[str, torch.Tensor], replies: Replies,
@@ -126,6 +130,26 @@ class FreezePolicy:
             chosen += [cores[0], cores[mid], cores[-1]]
         return chosen
 
+    def planned(self, server_round: int, groups: Mapping[str, list[str]],
+                numel: Mapping[str, int]) -> tuple[list[str], bool]:
+        """`choose` as far as it is known before training, and whether it is a bound.
+
+        `adaptive` trains every intermediate core once first (round r: the r-th), which is
+        certain; after that its choice follows the update norms, and the layer's largest
+        intermediate core stands in for it (an upper bound on the bytes)."""
+        if self.name != "adaptive":
+            return self.choose(server_round, groups), False
+        chosen, bound = [], False
+        for cores in groups.values():
+            if len(cores) <= 3:
+                chosen += cores
+            elif server_round <= len(cores) - 2:
+                chosen += [cores[0], cores[server_round], cores[-1]]
+            else:
+                chosen += [cores[0], max(cores[1:-1], key=lambda c: numel[c]), cores[-1]]
+                bound = True
+        return chosen, bound
+
     def _score(self, core: str, server_round: int) -> float:
         if core not in self.last_trained:
             return math.inf
@@ -164,6 +188,13 @@ class FedTTPlus(FedTT):
         in_groups = {c for cores in groups.values() for c in cores}
         trained = set(self.policy.choose(server_round, groups))
         return [n for n in sent if n not in in_groups or n in trained]
+
+    def planned_round_names(self, server_round: int, sent: Sequence[str],
+                            numel: Mapping[str, int]) -> tuple[list[str], bool]:
+        groups = core_groups(sent)
+        in_groups = {c for cores in groups.values() for c in cores}
+        trained, bound = self.policy.planned(server_round, groups, numel)
+        return [n for n in sent if n not in in_groups or n in set(trained)], bound
 
     def aggregate(self, server_round: int, current: Mapping[str, torch.Tensor],
                   replies: Replies) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
