@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/fedtt run
+	$(VENV)/bin/fedtt run --overwrite
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks experiments

@@ -173,7 +173,7 @@ def test_resume_without_client_state_refuses_runs_that_need_it(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert why in err
     assert ("secure_mode is off" in err) == ("privacy.enabled" in sets)
-    # In-process, from a checkpoint the Deployment Engine wrote: refused by the ServerApp.
+    # In-process, from a checkpoint the Deployment Engine wrote: refused before it starts.
     as_deployment_checkpoint(cfg.output.dir)
     assert main(["run", "--quiet", "--resume", cfg.output.dir]) == 2
     assert why in capsys.readouterr().err

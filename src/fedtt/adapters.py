@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fedtt import tt
+from fedtt.errors import ConfigError
 
 ADAPTER_PREFIX = "tt_"
 ADAPTER_ATTR = ADAPTER_PREFIX + "adapter"
@@ -42,6 +43,7 @@ LORETTA_LLAMA_INPUTS = [r"layers\.\d+\.mlp\.(gate_proj|up_proj)$"]
 LORETTA_LLAMA_OUTPUTS = [r"layers\.\d+\.mlp\.down_proj$"]
 
 PRESETS = ("", "loretta")
+HEAD_POLICIES = ("train-and-send", "tensorize", "keep-local")
 # The AdapterConfig fields preset "loretta" sets. A field left at its default takes this value;
 # set to exactly this value is fine too; anything else is a ValueError (use preset "" to choose
 # freely). rank, max_mode and train_norms stay the user's (LoRETTA: rank 5 for BERT-family and
@@ -210,23 +212,27 @@ def _apply_input_adapter(module: nn.Module, args: tuple) -> tuple:
 class AdapterConfig:
     """Where TT adapters go and what besides them trains."""
 
-    rank: int = field(default=5, metadata={"help": "TT rank of every inner core boundary."})
-    bottleneck: int = field(default=64, metadata={"help": "Adapter bottleneck width."})
+    rank: int = field(default=5, metadata={
+        "help": "TT rank of every inner core boundary.", "min": 1, "max": 1024})
+    bottleneck: int = field(default=64, metadata={
+        "help": "Adapter bottleneck width.", "min": 1, "max": 4096})
     targets: list[str] = field(default_factory=list, metadata={
         "help": "Regexes of module names whose output gets an adapter; empty = family default."})
     attention: bool = field(default=True, metadata={
         "help": "LLaMA family: also adapt the attention output (o_proj), not only the MLP."})
     init: str = field(default="identity", metadata={
         "help": "'identity' (up-projection's last core zero: adapter starts as the identity) "
-                "or 'gaussian' (LoRETTA: every core Gaussian)."})
-    bias: str = field(default="both", metadata={"help": "Adapter biases: none, down or both."})
+                "or 'gaussian' (LoRETTA: every core Gaussian).",
+        "choices": ("identity", "gaussian")})
+    bias: str = field(default="both", metadata={
+        "help": "Adapter biases: none, down or both.", "choices": ("none", "down", "both")})
     max_mode: int = field(default=tt.DEFAULT_MAX_MODE, metadata={
-        "help": "Largest TT mode when factorising a dimension."})
+        "help": "Largest TT mode when factorising a dimension.", "min": 2})
     train_norms: bool = field(default=True, metadata={
         "help": "Train (and send) LayerNorm/RMSNorm weights."})
     head: str = field(default="train-and-send", metadata={
         "help": "Classification head: train-and-send, tensorize (TT layers, sent) or "
-                "keep-local (trained, never sent)."})
+                "keep-local (trained, never sent).", "choices": HEAD_POLICIES})
     preset: str = field(default="", metadata={
         "help": "'' = fedtt's own defaults: every field as set here (adapters after the "
                 "attention output and the MLP, identity init, modes with the largest at the "
@@ -243,19 +249,18 @@ class AdapterConfig:
                 "LLaMA-2-13B). TT methods only; LoRA ignores it."})
 
     def validate(self) -> None:
+        """The rules no single field's bounds express: the preset and the target regexes.
+        (Each field's range or choices is declared in its metadata; `fedtt.config` checks
+        them for every section.)"""
         if self.preset not in PRESETS:
             raise ValueError(f"adapter.preset must be '' (fedtt's own defaults) or 'loretta' "
                              f"(LoRETTA's published adapter), got {self.preset!r}")
-        if self.rank < 1:
-            raise ValueError(f"adapter.rank must be >= 1, got {self.rank}")
-        if self.bottleneck < 1:
-            raise ValueError(f"adapter.bottleneck must be >= 1, got {self.bottleneck}")
-        if self.init not in ("identity", "gaussian"):
-            raise ValueError(f"adapter.init must be identity or gaussian, got {self.init!r}")
-        if self.bias not in ("none", "down", "both"):
-            raise ValueError(f"adapter.bias must be none, down or both, got {self.bias!r}")
-        if self.head not in HEAD_POLICIES:
-            raise ValueError(f"adapter.head must be one of {HEAD_POLICIES}, got {self.head!r}")
+        for i, pattern in enumerate(self.targets):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"adapter.targets[{i}] is not a valid regex ({exc}), "
+                                 f"got {pattern!r}") from None
         if self.preset == "loretta":
             defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING
                         else f.default for f in dataclasses.fields(self)}
@@ -281,8 +286,6 @@ class AdapterConfig:
         return dataclasses.replace(self, targets=list(self.targets))
 
 
-HEAD_POLICIES = ("train-and-send", "tensorize", "keep-local")
-
 
 def default_targets(model: nn.Module, attention: bool = True) -> list[str]:
     """Placement regexes for a model's family, recognised from its module names."""
@@ -291,7 +294,7 @@ def default_targets(model: nn.Module, attention: bool = True) -> list[str]:
         return list(BERT_TARGETS)
     if any(re.search(LLAMA_MLP_TARGETS[0], n) for n in names):
         return LLAMA_MLP_TARGETS + (LLAMA_ATTN_TARGETS if attention else [])
-    raise ValueError(
+    raise ConfigError(
         "cannot tell where adapters go in this model (neither BERT-style "
         "'attention.output.dense' nor LLaMA-style 'layers.N.mlp' modules found); "
         "set adapter.targets to regexes of module names")
@@ -304,7 +307,7 @@ def _output_width(module: nn.Module) -> int:
         sub = getattr(module, attr, None)
         if isinstance(sub, nn.Linear):
             return sub.out_features
-    raise ValueError(f"cannot find the output width of {type(module).__name__}; "
+    raise ConfigError(f"cannot find the output width of {type(module).__name__}; "
                      "target a Linear module or an MLP with a down_proj")
 
 
@@ -331,7 +334,7 @@ def loretta_sites(model: nn.Module) -> list[tuple[str, str]]:
     if any(re.search(LORETTA_LLAMA_INPUTS[0], n) for n in names):
         return ([(p, "input") for p in LORETTA_LLAMA_INPUTS]
                 + [(p, "output") for p in LORETTA_LLAMA_OUTPUTS])
-    raise ValueError(
+    raise ConfigError(
         "adapter.preset = 'loretta' knows BERT/RoBERTa-style ('attention.output.dense') and "
         "LLaMA-style ('layers.N.mlp.gate_proj/up_proj/down_proj') models only; use "
         "adapter.preset = '' and set adapter.targets to regexes of module names")
@@ -375,7 +378,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, seed: int = 0) -> l
             module.register_forward_hook(_apply_adapter)
         adapted.append(name)
     if not adapted:
-        raise ValueError(f"no module name matches adapter targets {[p.pattern for p, _ in sites]}")
+        raise ConfigError(f"no module name matches adapter targets {[p.pattern for p, _ in sites]}")
     if cfg.train_norms:
         for name, module in model.named_modules():
             if is_norm(module) and ADAPTER_PREFIX not in name:
@@ -397,7 +400,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, seed: int = 0) -> l
 def _input_width(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
-    raise ValueError(f"an input adapter needs a Linear module, got {type(module).__name__}")
+    raise ConfigError(f"an input adapter needs a Linear module, got {type(module).__name__}")
 
 
 def _tensorize_hidden(model: nn.Module, head_name: str, cfg: AdapterConfig,

@@ -19,11 +19,17 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fedtt.config import load_config
+    from fedtt.config import ConfigError, load_config
+    from fedtt.methods import METHODS
     from fedtt.plan import format_plan, plan
 
+    if args.num_labels < 2:
+        raise ConfigError(f"--num-labels must be >= 2, got {args.num_labels}")
     cfg = load_config(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; use {', '.join(METHODS)}")
     result = plan(args.model or cfg.model.name, methods, cfg.adapter, cfg.method,
                   num_labels=args.num_labels, precision=cfg.federation.precision)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
@@ -32,34 +38,89 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig of `run`/`deploy` (see `_load_run_config`), with a note when DP runs
-    reproducibly, i.e. with noise the server could regenerate."""
+    reproducibly, i.e. with noise the server could regenerate; with --resume, once the
+    checkpoint has been checked."""
     cfg = _load_run_config(args)
     if cfg.privacy.enabled and not cfg.privacy.secure_mode:
         print("fedtt: note: privacy.secure_mode is off, so each client's noise comes from "
               "training.seed, which the server knows: fine for experiments, but set "
               "privacy.secure_mode = true before training on data that needs the guarantee.",
               file=sys.stderr)
+    if args.resume:
+        _check_resume(cfg, in_process=args.command == "run")
     return cfg
 
 
+def _check_resume(cfg: RunConfig, *, in_process: bool) -> None:
+    """Refuse a resume from a checkpoint that is damaged, or that lacks client state the run
+    needs (in-process clients get theirs back from the checkpoint, fresh SuperNodes do not),
+    before anything is started or changed."""
+    from fedtt.federated import checkpoint
+
+    resumed = checkpoint.load(cfg.output.dir)
+    checkpoint.check_resumable(
+        resumed, restores_clients=in_process and resumed["clients"] is not None,
+        private=cfg.privacy.enabled, local_only=cfg.adapter.head == "keep-local")
+
+
 def _load_run_config(args: argparse.Namespace) -> RunConfig:
-    """From --config/--set/--out, or with --resume the killed run's own config.toml,
-    writing into that directory again."""
+    """From --config/--set/--out into a new (or, with --overwrite, reused) run directory;
+    or with --resume the killed run's own config.toml, writing into that directory again."""
     from fedtt.config import ConfigError, load_config
 
     if not args.resume:
-        overrides = list(args.overrides) + ([f'output.dir="{args.out}"'] if args.out else [])
-        return load_config(args.config, overrides)
-    if args.config or args.overrides or args.out:
+        cfg = load_config(args.config, args.overrides,
+                          {"output.dir": args.out} if args.out else None)
+        _claim_run_dir(Path(cfg.output.dir), overwrite=args.overwrite)
+        return cfg
+    if args.config or args.overrides or args.out or args.overwrite:
         raise ConfigError("--resume continues a run with its own config.toml: leave out "
-                          "--config, --set and --out")
+                          "--config, --set, --out and --overwrite")
     run_dir = Path(args.resume)
-    if not (run_dir / "config.toml").exists():
+    if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text())["status"] == "completed":
+    if _status(run_dir) == "completed":
         raise ConfigError(f"{run_dir} finished already; nothing to resume")
-    return load_config(str(run_dir / "config.toml"), [f"output.dir={json.dumps(str(run_dir))}"])
+    return load_config(run_dir / "config.toml", values={"output.dir": str(run_dir)})
+
+
+def _claim_run_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse to write a new run into a directory that holds anything, unless `overwrite`."""
+    from fedtt.config import ConfigError
+    from fedtt.federated.checkpoint import CHECKPOINT
+
+    if not _directory(out, "output.dir").exists() or not any(out.iterdir()):
+        return
+    if overwrite:
+        # What a run writes only after its first round or at its end: nothing of the old run
+        # is left to resume or report.
+        for name in (CHECKPOINT, "summary.json", "global.safetensors"):
+            (out / name).unlink(missing_ok=True)
+        return
+    unfinished = (out / CHECKPOINT).exists() and _status(out) != "completed"
+    hint = f"continue its run with --resume {out}, " if unfinished else ""
+    raise ConfigError(f"output directory {out} is not empty: {hint}choose another --out, or "
+                      "pass --overwrite to replace the run in it")
+
+
+def _directory(path: Path, what: str) -> Path:
+    """`path`, a directory to write into (it may not exist yet): refused if it is a file."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file, not a directory")
+    return path
+
+
+def _status(run_dir: Path) -> str | None:
+    """The status its summary.json records (completed, stopped), None without one."""
+    from fedtt.config import ConfigError
+
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["status"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc!r}); move it away first") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,21 +138,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_label_table(labels["counts"], labels["label_names"]))
         print()
     run = read_run(out)
+    lora = ""
+    if summary["method"] != "lora":
+        from fedtt.plan import baseline_wire_bytes
+
+        would = baseline_wire_bytes(cfg, run["rounds"], len(labels["label_names"]))
+        lora = f" (LoRA r={cfg.method.lora_rank} would send {would / 1e6:.2f} MB, fedtt plan)"
     print(f"{summary['method']} on {summary['model']} / {summary['task']}, "
           f"{summary['num_clients']} clients, {summary['rounds']} rounds: final accuracy "
           f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), "
-          f"{summary['total_bytes'] / 1e6:.2f} MB sent "
-          f"({summary['total_upload_bytes'] / 1e6:.2f} up, "
-          f"{summary['total_download_bytes'] / 1e6:.2f} down), "
-          f"{summary['wall_seconds']:.0f} s. Results in {run['dir']}")
+          f"{summary['wall_seconds']:.0f} s. Results in {run['dir']}\n"
+          f"{summary['total_wire_bytes'] / 1e6:.2f} MB sent on the wire{lora}; "
+          f"{summary['total_upload_wire_bytes'] / 1e6:.2f} up, "
+          f"{summary['total_download_wire_bytes'] / 1e6:.2f} down, of which tensor payload "
+          f"{summary['total_bytes'] / 1e6:.2f}")
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     import tempfile
 
-    from fedtt.config import ConfigError
-    from fedtt.federated import checkpoint
     from fedtt.federated.deploy import (
         LocalDeployment,
         fedtt_run_config,
@@ -103,13 +169,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
     run_config = fedtt_run_config(cfg)
     if args.resume:
-        # Fresh SuperNodes hold no client state: say now what the ServerApp would refuse.
-        try:
-            checkpoint.check_resumable(checkpoint.load(args.resume), restores_clients=False,
-                                       private=cfg.privacy.enabled,
-                                       local_only=cfg.adapter.head == "keep-local")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         run_config["fedtt-resume"] = True
     secure = not args.insecure
     with tempfile.TemporaryDirectory(prefix="fedtt-deploy-") as work:
@@ -131,9 +190,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     write_json(summary_path, summary)
     traffic = summary["flower_traffic"]
     print(f"run {result.run_id} {result.status}: final accuracy {summary['final_accuracy']:.4f}; "
-          f"Flower moved {traffic['flower']['total_bytes'] / 1e6:.2f} MB for "
-          f"{traffic['ledger']['total_bytes'] / 1e6:.2f} MB of tensors "
-          f"({traffic['overhead_ratio']:.2f}x). Results in {out}")
+          f"Flower moved {traffic['flower']['total_bytes'] / 1e6:.2f} MB; the ledger counts "
+          f"{traffic['ledger']['total_wire_bytes'] / 1e6:.2f} MB of messages "
+          f"({traffic['ledger']['total_bytes'] / 1e6:.2f} MB of tensors). Results in {out}")
     return 0 if result.status == "finished:completed" else 3
 
 
@@ -141,9 +200,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedtt.results import format_table, plot_runs, read_run
 
     runs = [read_run(d) for d in args.dirs]
+    plots = _directory(Path(args.plots), "--plots") if args.plots else None
     print(format_table(runs))
-    if args.plots:
-        for path in plot_runs(args.dirs, args.plots):
+    if plots:
+        for path in plot_runs(args.dirs, plots):
             print(f"wrote {path}")
     return 0
 
@@ -151,7 +211,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fedtt.export import export_run
 
-    out = export_run(args.run_dir, args.out, merge=args.merge)
+    out = export_run(args.run_dir, _directory(Path(args.out), "--out"), merge=args.merge)
     kind = "a Hugging Face model directory (adapters merged)" if args.merge else \
         "adapters and a manifest (fedtt predict loads them)"
     print(f"wrote {kind} to {out}")
@@ -159,13 +219,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from fedtt.data import DataError
     from fedtt.export import load_exported
 
     texts = list(args.texts)
     if args.file:
         texts += read_texts(Path(args.file), args.text_column)
     if not texts:
-        raise ValueError("nothing to predict: give texts or --file")
+        raise DataError("nothing to predict: give texts or --file")
     predictor = load_exported(args.model_dir)
     if args.json:
         probs = predictor.scores(texts)
@@ -183,7 +244,9 @@ def read_texts(path: Path, column: str) -> list[str]:
     """Texts from a .txt (one per line), .csv, .jsonl or .parquet file (column `column`)."""
     import pandas as pd
 
-    if not path.exists():
+    from fedtt.data import DataError
+
+    if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
@@ -194,10 +257,10 @@ def read_texts(path: Path, column: str) -> list[str]:
                                                 convert_dates=False),
                ".parquet": pd.read_parquet}
     if suffix not in readers:
-        raise ValueError(f"{path}: use .txt, .csv, .jsonl or .parquet")
+        raise DataError(f"{path}: use .txt, .csv, .jsonl or .parquet")
     frame = readers[suffix](path)
     if column not in frame.columns:
-        raise ValueError(f"{path} has no column {column!r} (columns: {list(frame.columns)})")
+        raise DataError(f"{path} has no column {column!r} (columns: {list(frame.columns)})")
     return [str(t) for t in frame[column]]
 
 
@@ -247,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a federation in this process")
     p.add_argument("--config", help="TOML config file (default: built-in defaults)")
-    p.add_argument("--out", help="output directory (overrides output.dir)")
+    p.add_argument("--out", help="output directory (overrides output.dir); must be new or "
+                                 "empty unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
     p.add_argument("--resume", metavar="DIR",
@@ -258,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="run on Flower's Deployment Engine on this machine: a "
                                       "SuperLink and one SuperNode per client, over TLS")
     p.add_argument("--config", help="TOML config file (default: built-in defaults)")
-    p.add_argument("--out", help="output directory (overrides output.dir)")
+    p.add_argument("--out", help="output directory (overrides output.dir); must be new or "
+                                 "empty unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty output directory")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP without SuperNode authentication (local trials only)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
@@ -307,15 +376,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from fedtt.config import ConfigError
+    from fedtt.data import DataError
+    from fedtt.export import ExportError
+    from fedtt.federated.checkpoint import CheckpointError
     from fedtt.federated.strategy import RoundFailed
     from fedtt.fetch import FetchError
 
+    # The user's mistakes, each reported in one line; anything else is a bug: its traceback
+    # is kept.
+    user_errors = (ConfigError, DataError, CheckpointError, ExportError, FetchError,
+                   FileNotFoundError, NotADirectoryError)
+    from fedtt.federated.deploy import DeploymentTimeout
+
     try:
         return args.func(args)
-    except RoundFailed as exc:
+    except (RoundFailed, DeploymentTimeout) as exc:
         print(f"fedtt: stopped: {exc}", file=sys.stderr)
         return 3
-    except (ConfigError, FetchError, FileNotFoundError, ValueError) as exc:
+    except user_errors as exc:
         print(f"fedtt: error: {exc}", file=sys.stderr)
         return 2
 

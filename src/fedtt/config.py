@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import operator
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -15,11 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtt.adapters import AdapterConfig
-from fedtt.methods import MethodConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
+from fedtt.errors import ConfigError
+from fedtt.methods import METHODS, MethodConfig, make_method
 
 
 @dataclass
@@ -29,7 +28,8 @@ class ModelConfig:
     name: str = field(default="minilm", metadata={
         "help": "Bundled name (minilm), architecture preset (arch:tiny-bert, ...), local "
                 "Hugging Face model directory, or hub id when online."})
-    max_length: int = field(default=64, metadata={"help": "Tokens per example (truncation)."})
+    max_length: int = field(default=64, metadata={
+        "help": "Tokens per example (truncation).", "min": 2, "max": 32768})
 
 
 @dataclass
@@ -43,15 +43,22 @@ class DataConfig:
     label_column: str = field(default="label", metadata={"help": "Label column of a user file."})
     test_path: str = field(default="", metadata={
         "help": "Optional separate test file; otherwise a seeded split of the data."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Held-out share for testing."})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "Held-out share for testing.", "above": 0, "below": 1})
+    val_fraction: float = field(default=0.0, metadata={
+        "help": "Share of the training rows held out (seeded) as a validation split, for "
+                "choosing settings without the test split: evaluated with the test split "
+                "(val_accuracy, val_loss in rounds.jsonl); 0 = none.", "min": 0, "below": 1})
     partition: str = field(default="dirichlet", metadata={
-        "help": "iid, dirichlet (label skew with alpha) or pathological (k classes each)."})
-    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (> 0)."})
-    classes_per_client: int = field(default=2, metadata={"help": "Pathological: k."})
+        "help": "iid, dirichlet (label skew with alpha) or pathological (k classes each).",
+        "choices": ("iid", "dirichlet", "pathological")})
+    alpha: float = field(default=0.5, metadata={
+        "help": "Dirichlet concentration (> 0).", "above": 0})
+    classes_per_client: int = field(default=2, metadata={"help": "Pathological: k.", "min": 1})
     max_train_examples: int = field(default=0, metadata={
-        "help": "Use at most this many training rows (seeded sample); 0 = all."})
+        "help": "Use at most this many training rows (seeded sample); 0 = all.", "min": 0})
     max_test_examples: int = field(default=500, metadata={
-        "help": "Evaluate on at most this many test rows (seeded sample); 0 = all."})
+        "help": "Evaluate on at most this many test rows (seeded sample); 0 = all.", "min": 0})
 
 
 @dataclass
@@ -60,50 +67,67 @@ class FederationConfig:
 
     mode: str = field(default="cross-silo", metadata={
         "help": "cross-silo: every client every round, clients keep state; cross-device: a "
-                "sample each round, clients stateless."})
-    num_clients: int = field(default=3, metadata={"help": "Number of clients (partitions)."})
+                "sample each round, clients stateless.",
+        "choices": ("cross-silo", "cross-device")})
+    num_clients: int = field(default=3, metadata={
+        "help": "Number of clients (partitions).", "min": 1})
     clients_per_round: int = field(default=0, metadata={
-        "help": "cross-device: clients sampled per round (0 = 10% of num_clients)."})
-    rounds: int = field(default=10, metadata={"help": "Communication rounds."})
+        "help": "cross-device: clients sampled per round (0 = 10% of num_clients).", "min": 0})
+    rounds: int = field(default=10, metadata={"help": "Communication rounds.", "min": 1})
     client_ranks: list[int] = field(default_factory=list, metadata={
         "help": "fedtt: each client's TT rank by partition id (cycled), e.g. [2, 5, 8]; a "
                 "SuperNode's node config 'tt-rank' overrides. The global adapter keeps "
                 "adapter.rank, aggregates exactly and each client gets its TT-SVD rounding. "
-                "Empty = every client at adapter.rank."})
+                "Empty = every client at adapter.rank.", "min": 1})
     precision: str = field(default="float32", metadata={
         "help": "Tensors on the wire, both directions: float32, bfloat16 or float16 (each "
-                "side keeps its master copy in float32)."})
+                "side keeps its master copy in float32).",
+        "choices": ("float32", "bfloat16", "float16")})
     eval_every: int = field(default=1, metadata={
         "help": "Evaluate the global model every N rounds (round 0 and the last round "
-                "always); rounds in between record bytes with null metrics."})
+                "always); rounds in between record bytes with null metrics.", "min": 1})
     client_eval: bool = field(default=False, metadata={
         "help": "Also evaluate the global model on each client's local test split."})
     min_replies: int = field(default=1, metadata={
         "help": "Fewest valid client updates a round needs; below it the round is retried, "
-                "then the run stops with the global model unchanged."})
+                "then the run stops with the global model unchanged.", "min": 1})
     round_retries: int = field(default=1, metadata={
-        "help": "How often a round short of min_replies asks the missing clients again."})
+        "help": "How often a round short of min_replies asks the missing clients again.",
+        "min": 0})
     timeout: float = field(default=600.0, metadata={
-        "help": "Seconds to wait for a client's reply (in-process: for each client in turn)."})
+        "help": "Seconds to wait for a client's reply (in-process: for each client in turn).",
+        "above": 0})
     max_update_norm: float = field(default=0.0, metadata={
         "help": "Clip each client's update (all its tensors together) to this L2 norm; "
-                "0 = off."})
+                "0 = no fixed bound.", "min": 0})
+    update_norm_multiple: float = field(default=2.0, metadata={
+        "help": "Clip each client's update to this multiple of the round's median update "
+                "norm (with 3 or more replies), so one poisoned but finite update cannot "
+                "outweigh an honest majority; 0 = off.", "min": 0})
+    max_weight_share: float = field(default=1.0, metadata={
+        "help": "Cap any client's share of the FedAvg weight (example counts are the "
+                "clients' own claims on a deployment; in-process they are checked against "
+                "the partitions); 1 = no cap.", "above": 0, "max": 1})
     max_abs_value: float = field(default=1e4, metadata={
-        "help": "Reject a reply holding any value larger than this in magnitude."})
+        "help": "Reject a reply holding any value larger than this in magnitude.", "above": 0})
 
 
 @dataclass
 class TrainingConfig:
     """Local training on each client."""
 
-    local_steps: int = field(default=10, metadata={"help": "Optimizer steps per round."})
-    batch_size: int = field(default=32, metadata={"help": "Examples per step."})
-    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    eval_batch_size: int = field(default=128, metadata={"help": "Examples per eval batch."})
-    seed: int = field(default=0, metadata={"help": "Seed for init, partition and sampling."})
+    local_steps: int = field(default=10, metadata={
+        "help": "Optimizer steps per round.", "min": 1})
+    batch_size: int = field(default=32, metadata={"help": "Examples per step.", "min": 1})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate.", "above": 0})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay.", "min": 0})
+    eval_batch_size: int = field(default=128, metadata={
+        "help": "Examples per eval batch.", "min": 1})
+    seed: int = field(default=0, metadata={
+        "help": "Seed for init, partition and sampling.", "min": 0, "max": 2**32 - 1})
     threads: int = field(default=0, metadata={
-        "help": "torch CPU threads (0 = leave torch's default)."})
+        "help": "torch CPU threads (0 = leave torch's default).", "min": 0})
 
 
 @dataclass
@@ -113,13 +137,23 @@ class PrivacyConfig:
     enabled: bool = field(default=False, metadata={"help": "Train every client with DP-SGD."})
     epsilon: float = field(default=0.0, metadata={
         "help": "Target epsilon per client for the whole planned run; the noise is computed "
-                "from it. Set this or noise_multiplier."})
+                "from it for the rounds a client is planned to train (cross-device: the 95% "
+                "quantile of how often it is sampled), and the server samples only clients "
+                "with budget left. Set this or noise_multiplier.", "min": 0})
     noise_multiplier: float = field(default=0.0, metadata={
-        "help": "Noise std as a multiple of max_grad_norm (no budget: never stops)."})
-    delta: float = field(default=1e-5, metadata={"help": "Target delta."})
+        "help": "Noise std as a multiple of max_grad_norm (no budget: never stops).", "min": 0})
+    delta: float = field(default=1e-5, metadata={
+        "help": "Target delta.", "above": 0, "below": 1})
+    nominal_examples: int = field(default=0, metadata={
+        "help": "Public nominal rows per client: the Poisson sample rate is batch_size / "
+                "this, so nothing a client publishes depends on its own row count. 0 = the "
+                "task's training rows / num_clients (set it on a deployment whose clients "
+                "bring their own data).", "min": 0})
     max_grad_norm: float = field(default=1.0, metadata={
-        "help": "Clip each per-sample gradient (all trained tensors together) to this norm."})
-    accountant: str = field(default="rdp", metadata={"help": "rdp or prv (Opacus)."})
+        "help": "Clip each per-sample gradient (all trained tensors together) to this norm.",
+        "above": 0})
+    accountant: str = field(default="rdp", metadata={
+        "help": "rdp or prv (Opacus).", "choices": ("rdp", "prv")})
     secure_mode: bool = field(default=False, metadata={
         "help": "Draw each client's Poisson sample and noise from the OS's cryptographic "
                 "generator (os.urandom) instead of a generator seeded from training.seed, "
@@ -129,19 +163,10 @@ class PrivacyConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for an enabled config that cannot run."""
-        if not self.enabled:
-            return []
-        out = []
-        if (self.epsilon > 0) == (self.noise_multiplier > 0):
-            out.append(("privacy.epsilon", "and privacy.noise_multiplier: exactly one must be "
-                        "> 0 when privacy.enabled"))
-        if self.max_grad_norm <= 0:
-            out.append(("privacy.max_grad_norm", "must be > 0"))
-        if not 0 < self.delta < 1:
-            out.append(("privacy.delta", "must be in (0, 1)"))
-        if self.accountant not in ("rdp", "prv"):
-            out.append(("privacy.accountant", "must be rdp or prv"))
-        return out
+        if self.enabled and (self.epsilon > 0) == (self.noise_multiplier > 0):
+            return [("privacy.epsilon", "and privacy.noise_multiplier: exactly one must be > 0 "
+                     "when privacy.enabled")]
+        return []
 
 
 @dataclass
@@ -164,42 +189,19 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
-        """Range checks that types alone cannot express; errors name the key."""
+        """Every field within the bounds its metadata declares (see `check_fields`), then the
+        rules that tie fields together; errors name the key."""
+        for section in sections():
+            check_fields(section, getattr(self, section))
         checks = [
-            ("federation.num_clients", self.federation.num_clients >= 1, "must be >= 1"),
-            ("federation.rounds", self.federation.rounds >= 1, "must be >= 1"),
-            ("federation.clients_per_round", self.federation.clients_per_round >= 0,
-             "must be >= 0"),
-            ("federation.mode", self.federation.mode in ("cross-silo", "cross-device"),
-             "must be cross-silo or cross-device"),
-            ("federation.min_replies", 1 <= self.federation.min_replies
-             <= self.clients_per_round(), "must be between 1 and the clients per round"),
-            ("federation.precision", self.federation.precision in
-             ("float32", "bfloat16", "float16"), "must be float32, bfloat16 or float16"),
-            ("federation.eval_every", self.federation.eval_every >= 1, "must be >= 1"),
-            ("federation.round_retries", self.federation.round_retries >= 0, "must be >= 0"),
-            ("federation.timeout", self.federation.timeout > 0, "must be > 0"),
-            ("federation.max_update_norm", self.federation.max_update_norm >= 0,
-             "must be >= 0"),
-            ("federation.max_abs_value", self.federation.max_abs_value > 0, "must be > 0"),
-            ("data.alpha", self.data.alpha > 0, "must be > 0"),
-            ("data.partition", self.data.partition in ("iid", "dirichlet", "pathological"),
-             "must be iid, dirichlet or pathological"),
-            ("data.test_fraction", 0 < self.data.test_fraction < 1, "must be in (0, 1)"),
-            ("training.local_steps", self.training.local_steps >= 1, "must be >= 1"),
-            ("training.batch_size", self.training.batch_size >= 1, "must be >= 1"),
-            ("training.lr", self.training.lr > 0, "must be > 0"),
-            ("model.max_length", self.model.max_length >= 2, "must be >= 2"),
-            ("adapter.rank", self.adapter.rank >= 1, "must be >= 1"),
-            ("adapter.bottleneck", self.adapter.bottleneck >= 1, "must be >= 1"),
-            ("method.aggregation", self.method.aggregation in ("factor", "exact"),
-             "must be factor or exact"),
-            ("method.lora_rank", self.method.lora_rank >= 1, "must be >= 1"),
+            ("method.name", self.method.name in METHODS, f"must be one of {', '.join(METHODS)}"),
+            ("federation.min_replies", self.federation.min_replies <= self.clients_per_round(),
+             "must be between 1 and the clients per round"),
         ]
         ranks = self.federation.client_ranks
         if ranks:
             checks += [
-                ("federation.client_ranks", all(1 <= r <= self.adapter.rank for r in ranks),
+                ("federation.client_ranks", all(r <= self.adapter.rank for r in ranks),
                  f"must lie between 1 and adapter.rank = {self.adapter.rank} (the global "
                  "adapter's rank)"),
                 ("method.name", self.method.name == "fedtt",
@@ -214,6 +216,7 @@ class RunConfig:
                 raise ConfigError(f"{key} {why}, got {_get(self, key)!r}")
         try:
             self.adapter.validate()
+            make_method(self.method, self.adapter)  # the method's own rules (e.g. its policy)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
 
@@ -227,6 +230,37 @@ class RunConfig:
 def _get(cfg: RunConfig, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
+
+
+def check_fields(section: str, values: Any) -> None:
+    """Check a config section's fields against the bounds their metadata declares: "choices"
+    (allowed values), "min" / "max" (inclusive), "above" / "below" (exclusive); on a list
+    field, every item. The error names the key, the bounds and the value."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            why = _out_of_bounds(item, f.metadata)
+            if why:
+                key = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise ConfigError(f"{key} {why}, got {item!r}")
+
+
+# A bound's metadata key -> how it reads in a message and the test a value must pass.
+BOUNDS = {"min": (">=", operator.ge), "above": (">", operator.gt),
+          "max": ("<=", operator.le), "below": ("<", operator.lt)}
+
+
+def _out_of_bounds(value: Any, rules: typing.Mapping[str, Any]) -> str | None:
+    """What is wrong with `value` under `rules` (a field's metadata), or None."""
+    if "choices" in rules:
+        choices = [str(c) for c in rules["choices"]]
+        allowed = ", ".join(choices[:-1]) + " or " + choices[-1]
+        return None if value in rules["choices"] else f"must be {allowed}"
+    declared = [key for key in BOUNDS if key in rules]
+    if all(BOUNDS[key][1](value, rules[key]) for key in declared):
+        return None
+    return "must be " + " and ".join(f"{BOUNDS[key][0]} {rules[key]}" for key in declared)
 
 
 def sections() -> dict[str, type]:
@@ -252,6 +286,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
@@ -291,19 +327,28 @@ def parse_override(text: str) -> dict[str, Any]:
     return {section: {key: value}}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: typing.Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the TOML file at `path`, then `overrides` (`section.key=value` text),
+    then `values` ({"section.key": value}, taken as data, never parsed as TOML); validated."""
     cfg = RunConfig()
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} "
+                              + ("is a directory" if path.is_dir() else "does not exist"))
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
         apply(cfg, data)
     for text in overrides or []:
         apply(cfg, parse_override(text))
+    for dotted, value in (values or {}).items():
+        section, key = dotted.split(".", 1)
+        apply(cfg, {section: {key: value}})
     cfg.validate()
     return cfg
 

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from fedtt.fetch import FetchError, build_entry, cache_dir, fetch_package, unpack
 
 __all__ = [
+    "DataError",
     "FEATURES",
     "SCHEMES",
     "TaskData",
@@ -49,6 +50,11 @@ __all__ = [
     "format_label_table",
     "FetchError",
 ]
+
+
+class DataError(ValueError):
+    """A data file, task or partition setting that cannot be used; the message names it."""
+
 
 FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
 SCHEMES = ("iid", "dirichlet", "pathological")
@@ -138,7 +144,7 @@ def _vader_parser(filename: str, *, unescape: bool = False) -> Callable[[Path], 
                 continue
             parts = line.split("\t", 2)
             if len(parts) != 3:
-                raise ValueError(f"{filename} line {lineno}: expected 3 tab-separated fields")
+                raise DataError(f"{filename} line {lineno}: expected 3 tab-separated fields")
             rating = float(parts[1])
             sentence = html.unescape(parts[2]) if unescape else parts[2]
             sentence = sentence.strip()
@@ -288,7 +294,7 @@ def load_task(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> TaskDa
     """
     spec = TASKS.get(name)
     if spec is None:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+        raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
     splits = _read_cached(spec)
     if splits is None:
         build_entry(_task_cache(name), lambda tmp: _write_cache(spec, tmp),
@@ -322,10 +328,10 @@ def _split(texts: Sequence[str], labels: Sequence[int], test_fraction: float,
            seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Seeded train/test split; stratified by label when every class has >= 2 rows."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     n = len(texts)
     if n < 2:
-        raise ValueError(f"need at least 2 rows to split into train and test, got {n}")
+        raise DataError(f"need at least 2 rows to split into train and test, got {n}")
     rng = np.random.default_rng(seed)
     y = np.asarray(labels)
     classes = np.unique(y)
@@ -357,8 +363,8 @@ def _split(texts: Sequence[str], labels: Sequence[int], test_fraction: float,
 _Row = tuple[str, Any, Any]
 
 
-def _missing_column(path: Path, column: str, role: str, present: Sequence[str]) -> ValueError:
-    return ValueError(f"{path}: {role} column {column!r} not found; columns present: "
+def _missing_column(path: Path, column: str, role: str, present: Sequence[str]) -> DataError:
+    return DataError(f"{path}: {role} column {column!r} not found; columns present: "
                       f"{', '.join(map(str, present)) or '(none)'}")
 
 
@@ -368,7 +374,7 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path} line {line}: not valid UTF-8 ({err.reason})") from None
+        raise DataError(f"{path} line {line}: not valid UTF-8 ({err.reason})") from None
 
 
 def _rows_csv(path: Path, text_col: str, label_col: str, delimiter: str) -> list[_Row]:
@@ -384,7 +390,7 @@ def _rows_csv(path: Path, text_col: str, label_col: str, delimiter: str) -> list
         except StopIteration:
             break
         except csv.Error as err:
-            raise ValueError(f"{path} line {start}: malformed CSV ({err})") from None
+            raise DataError(f"{path} line {start}: malformed CSV ({err})") from None
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue  # blank line
         if header is None:
@@ -395,11 +401,11 @@ def _rows_csv(path: Path, text_col: str, label_col: str, delimiter: str) -> list
             ti, li = header.index(text_col), header.index(label_col)
             continue
         if len(fields) != len(header):
-            raise ValueError(f"{path} line {start}: expected {len(header)} fields (as in the "
+            raise DataError(f"{path} line {start}: expected {len(header)} fields (as in the "
                              f"header), found {len(fields)}")
         rows.append((f"line {start}", fields[ti], fields[li] if fields[li].strip() else None))
     if header is None:
-        raise ValueError(f"{path}: the file is empty (no header line)")
+        raise DataError(f"{path}: the file is empty (no header line)")
     return rows
 
 
@@ -409,7 +415,7 @@ def _rows_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+            raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
         numbered = [(f"record {i}", r) for i, r in enumerate(records, 1)]
     else:
         numbered = []
@@ -419,11 +425,11 @@ def _rows_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
             try:
                 numbered.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {lineno}: malformed JSON ({err.msg})") from None
+                raise DataError(f"{path} line {lineno}: malformed JSON ({err.msg})") from None
     keys: dict[str, None] = {}
     for where, rec in numbered:
         if not isinstance(rec, dict):
-            raise ValueError(f"{path} {where}: expected a JSON object, got "
+            raise DataError(f"{path} {where}: expected a JSON object, got "
                              f"{type(rec).__name__}")
         keys.update(dict.fromkeys(rec))
     for col, role in ((text_col, "text"), (label_col, "label")):
@@ -453,10 +459,10 @@ def _read_rows(path: Path, text_col: str, label_col: str) -> tuple[list[_Row], l
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as err:
-            raise ValueError(f"{path} is a folder but not a saved Hugging Face dataset "
+            raise DataError(f"{path} is a folder but not a saved Hugging Face dataset "
                              f"(datasets.save_to_disk): {err}") from None
         if isinstance(loaded, datasets.DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict with splits {list(loaded)}; pass the "
+            raise DataError(f"{path} holds a DatasetDict with splits {list(loaded)}; pass the "
                              f"folder of one split (e.g. {path / 'train'})")
         feature = loaded.features.get(label_col)
         names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
@@ -470,9 +476,9 @@ def _read_rows(path: Path, text_col: str, label_col: str) -> tuple[list[_Row], l
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as err:
-            raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+            raise DataError(f"{path}: not a readable parquet file ({err})") from None
         return _rows_table(path, table, text_col, label_col), None
-    raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv, .jsonl, "
+    raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv, .jsonl, "
                      ".json, .parquet, or a folder saved with datasets' save_to_disk")
 
 
@@ -484,9 +490,9 @@ def _check_rows(path: Path, rows: list[_Row], text_col: str,
         if not isinstance(text, str) or not text.strip():
             what = "missing" if text is None else "empty" if isinstance(text, str) else \
                 f"not a string ({type(text).__name__})"
-            raise ValueError(f"{path} {where}: text column {text_col!r} is {what}")
+            raise DataError(f"{path} {where}: text column {text_col!r} is {what}")
         if label is None or (isinstance(label, float) and math.isnan(label)):
-            raise ValueError(f"{path} {where}: label column {label_col!r} is missing")
+            raise DataError(f"{path} {where}: label column {label_col!r} is missing")
         if isinstance(label, str):
             label = label.strip()
             if label.lstrip("-").isdigit():
@@ -494,7 +500,7 @@ def _check_rows(path: Path, rows: list[_Row], text_col: str,
         elif isinstance(label, float) and label.is_integer():
             label = int(label)
         elif isinstance(label, bool) or not isinstance(label, int):
-            raise ValueError(f"{path} {where}: label {label!r} is neither a string nor an "
+            raise DataError(f"{path} {where}: label {label!r} is neither a string nor an "
                              "integer")
         texts.append(text)
         labels.append(label)
@@ -510,8 +516,9 @@ def load_user_data(path: str | os.PathLike[str], *, text_column: str = "text",
     string forms the label names (a `ClassLabel` column of a saved dataset keeps its names).
     Without `test_path` the data is split with a seeded, stratified `test_fraction`.
     Problems raise errors that name them: `FileNotFoundError` for a missing file, and
-    `ValueError` for an unknown extension, a missing column (with the columns present) or a
-    malformed row (with its 1-based line number in a CSV/JSON lines file, else row number).
+    `DataError` for an unknown extension, a missing column (with the columns present), a
+    malformed row (with its 1-based line number in a CSV/JSON lines file, else row number)
+    or training labels of a single class (with that class).
     """
     files = [Path(path)] + ([Path(test_path)] if test_path is not None else [])
     parsed = []
@@ -519,14 +526,18 @@ def load_user_data(path: str | os.PathLike[str], *, text_column: str = "text",
     for f in files:
         rows, names = _read_rows(f, text_column, label_column)
         if not rows:
-            raise ValueError(f"{f}: no data rows")
+            raise DataError(f"{f}: no data rows")
         parsed.append(_check_rows(f, rows, text_column, label_column))
         declared = declared or names
+    found = {str(v) for v in parsed[0][1]}  # (int and str labels compare as strings)
+    if len(found) < 2:
+        raise DataError(f"{files[0]}: label column {label_column!r} holds a single class, "
+                        f"{found.pop()!r}: a classifier needs at least two")
     all_labels = [v for _, labels in parsed for v in labels]
     if declared is not None and all(isinstance(v, int) for v in all_labels):
         bad = [v for v in all_labels if not 0 <= int(v) < len(declared)]
         if bad:
-            raise ValueError(f"label {bad[0]} is outside the dataset's ClassLabel names")
+            raise DataError(f"label {bad[0]} is outside the dataset's ClassLabel names")
         label_names = declared
         index: dict[Any, int] = {i: i for i in range(len(declared))}
     else:
@@ -566,9 +577,9 @@ def synthetic_task(n_train: int = 64, n_test: int = 32, num_labels: int = 2,
     """Tiny, learnable text data: each sentence mixes 2-3 keywords of its label with shared
     filler words. Labels are balanced (round robin, then shuffled); same seed, same data."""
     if num_labels < 2:
-        raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+        raise DataError(f"num_labels must be >= 2, got {num_labels}")
     if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+        raise DataError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
     keywords = [_KEYWORDS[j] if j < len(_KEYWORDS) else [f"topic{j}word{i}" for i in range(4)]
                 for j in range(num_labels)]
     rng = random.Random(seed)
@@ -607,7 +618,7 @@ def partition(ds: datasets.Dataset, num_partitions: int, *, scheme: str = "iid",
       `classes_per_partition` labels (first one round robin, so every class is used when there
       are at least as many clients as classes).
 
-    Extra columns are kept. Same seed, same partition. Bad settings raise `ValueError`.
+    Extra columns are kept. Same seed, same partition. Bad settings raise `DataError`.
     """
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -616,17 +627,17 @@ def partition(ds: datasets.Dataset, num_partitions: int, *, scheme: str = "iid",
     )
 
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise DataError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) \
             or num_partitions < 1:
-        raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+        raise DataError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
     if num_partitions > len(ds):
-        raise ValueError(f"cannot split {len(ds)} examples into {num_partitions} partitions: "
+        raise DataError(f"cannot split {len(ds)} examples into {num_partitions} partitions: "
                          "more partitions than examples")
     if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+        raise DataError(f"alpha must be > 0, got {alpha}")
     if scheme != "iid" and "label" not in ds.column_names:
-        raise ValueError(f"scheme {scheme!r} needs a 'label' column; columns: {ds.column_names}")
+        raise DataError(f"scheme {scheme!r} needs a 'label' column; columns: {ds.column_names}")
 
     partitioner: Any
     if scheme == "iid":
@@ -641,7 +652,7 @@ def partition(ds: datasets.Dataset, num_partitions: int, *, scheme: str = "iid",
     else:
         num_classes = len(set(_column(ds, "label")))
         if not 1 <= classes_per_partition <= num_classes:
-            raise ValueError(f"classes_per_partition must be between 1 and the number of "
+            raise DataError(f"classes_per_partition must be between 1 and the number of "
                              f"classes present ({num_classes}), got {classes_per_partition}")
         partitioner = PathologicalPartitioner(
             num_partitions=num_partitions, partition_by="label",
@@ -656,12 +667,12 @@ def partition(ds: datasets.Dataset, num_partitions: int, *, scheme: str = "iid",
         except ValueError as err:
             if scheme == "dirichlet" and "max number of attempts" in str(err):
                 empty = _empty_dirichlet_partitions(ds, num_partitions, float(alpha), seed)
-                raise ValueError(
+                raise DataError(
                     f"dirichlet partitioning (alpha={alpha}) of {len(ds)} examples into "
                     f"{num_partitions} partitions leaves some partitions empty (e.g. partition"
                     f"{'s' if len(empty) > 1 else ''} {_short_list(empty)}) even after 10 "
                     "redraws; use a larger alpha or fewer clients") from None
-            raise ValueError(f"{scheme} partitioning failed: {err}") from None
+            raise DataError(f"{scheme} partitioning failed: {err}") from None
     for w in caught:
         if scheme == "pathological" and "will NOT be used" in str(w.message):
             warnings.warn(f"pathological partitioning with {num_partitions} partitions x "
@@ -671,7 +682,7 @@ def partition(ds: datasets.Dataset, num_partitions: int, *, scheme: str = "iid",
             warnings.warn(w.message, w.category, stacklevel=2)  # pass on anything unexpected
     for i, part in enumerate(parts):
         if len(part) == 0:
-            raise ValueError(f"partition {i} of {num_partitions} is empty ({scheme}); use a "
+            raise DataError(f"partition {i} of {num_partitions} is empty ({scheme}); use a "
                              "larger alpha or fewer clients")
     return parts
 
@@ -698,7 +709,7 @@ def label_counts(parts: Sequence[datasets.Dataset], num_labels: int) -> list[lis
     for i, part in enumerate(parts):
         labels = np.asarray(_column(part, "label"), dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= num_labels):
-            raise ValueError(f"partition {i} has labels outside 0..{num_labels - 1}")
+            raise DataError(f"partition {i} has labels outside 0..{num_labels - 1}")
         out.append(np.bincount(labels, minlength=num_labels).tolist())
     return out
 
@@ -712,7 +723,7 @@ def format_label_table(counts: Sequence[Sequence[int]], label_names: Sequence[st
     """
     names = [str(n) for n in label_names]
     if any(len(row) != len(names) for row in counts):
-        raise ValueError(f"every row of counts needs {len(names)} entries (one per label)")
+        raise DataError(f"every row of counts needs {len(names)} entries (one per label)")
     totals = [sum(row) for row in counts]
     per_label = [sum(row[j] for row in counts) for j in range(len(names))]
     grand = sum(totals)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +30,14 @@ from fedtt.models import HashTokenizer, load_model, load_tokenizer
 MANIFEST = "fedtt_export.json"
 ADAPTERS = "adapters.safetensors"
 MERGEABLE = ("lora", "ffa-lora")
+FORMATS = ("adapters", "merged")
+# What a manifest must hold, with the type of each entry.
+MANIFEST_KEYS = {"format": str, "model": str, "label_names": list, "max_length": int,
+                 "config": str}
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported, or an export that cannot be loaded; says why."""
 
 
 def _run_model(run_dir: Path) -> tuple[RunConfig, list[str], nn.Module]:
@@ -38,7 +47,7 @@ def _run_model(run_dir: Path) -> tuple[RunConfig, list[str], nn.Module]:
             raise FileNotFoundError(f"{run_dir} is not a finished fedtt run (no {needed})")
     cfg = load_config(str(run_dir / "config.toml"), [])
     if cfg.adapter.head == "keep-local":
-        raise ValueError("this run kept each client's head on the client (adapter.head = "
+        raise ExportError("this run kept each client's head on the client (adapter.head = "
                          "keep-local): there is no global model to export")
     labels = json.loads((run_dir / "label_counts.json").read_text())["label_names"]
     model = _build(cfg, len(labels))
@@ -56,7 +65,7 @@ def _load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]
     if unknown:
-        raise ValueError(f"tensors that this model lacks: {unknown[:3]}")
+        raise ExportError(f"tensors that this model lacks: {unknown[:3]}")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
@@ -74,7 +83,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
     run_dir, out = Path(run_dir), Path(out)
     cfg, labels, model = _run_model(run_dir)
     if merge and cfg.method.name not in MERGEABLE:
-        raise ValueError(
+        raise ExportError(
             f"{cfg.method.name} cannot be merged: a TT adapter is a bottleneck "
             "x + up(relu(down(x))) inserted after a block, not a change of a weight "
             "matrix, so no plain model computes the same function. Export without "
@@ -135,7 +144,7 @@ def load_exported(model_dir: str | Path) -> Predictor:
     path = model_dir / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{model_dir} is not a fedtt export (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
+    manifest = _read_manifest(path)
     labels = manifest["label_names"]
     if manifest["format"] == "merged":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -145,8 +154,36 @@ def load_exported(model_dir: str | Path) -> Predictor:
                else AutoTokenizer.from_pretrained(model_dir))
     else:
         cfg = RunConfig()
-        apply(cfg, tomllib.loads(manifest["config"]))
+        try:
+            apply(cfg, tomllib.loads(manifest["config"]))
+            tensors = load_file(str(model_dir / ADAPTERS))
+        except tomllib.TOMLDecodeError as exc:
+            raise ExportError(f"{path}: its config is not valid TOML ({exc})") from None
+        except (OSError, SafetensorError) as exc:
+            raise ExportError(f"{model_dir / ADAPTERS} is not readable ({exc})") from None
+        cfg.validate()
         model = _build(cfg, len(labels))
-        _load(model, load_file(str(model_dir / ADAPTERS)))
+        _load(model, tensors)
         tok = load_tokenizer(manifest["model"])
     return Predictor(model, tok, labels, int(manifest["max_length"]))
+
+
+def _read_manifest(path: Path) -> dict:
+    """An export's manifest, refused (`ExportError`, one line) unless it is a JSON object
+    with every entry of `MANIFEST_KEYS`, a known format and at least two label names."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} is not a JSON object")
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest[key], bool):
+            raise ExportError(f"{path}: {key} is missing or not a {kind.__name__}")
+    labels = manifest["label_names"]
+    if manifest["format"] not in FORMATS:
+        raise ExportError(f"{path}: format must be adapters or merged, got "
+                          f"{manifest['format']!r}")
+    if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise ExportError(f"{path}: label_names must be two or more strings, got {labels!r}")
+    return manifest

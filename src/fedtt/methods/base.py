@@ -27,12 +27,14 @@ class MethodConfig:
         "help": "fedtt, fedtt+, lora or ffa-lora."})
     aggregation: str = field(default="factor", metadata={
         "help": "fedtt: 'factor' averages each TT core; 'exact' averages the rebuilt matrices "
-                "and rounds back to rank r by TT-SVD."})
+                "and rounds back to rank r by TT-SVD.", "choices": ("factor", "exact")})
     policy: str = field(default="round-robin", metadata={
         "help": "fedtt+: which intermediate core trains with the first and last each round: "
                 "fixed, round-robin or adaptive."})
-    lora_rank: int = field(default=8, metadata={"help": "lora/ffa-lora: rank r."})
-    lora_alpha: int = field(default=16, metadata={"help": "lora/ffa-lora: scaling alpha."})
+    lora_rank: int = field(default=8, metadata={
+        "help": "lora/ffa-lora: rank r.", "min": 1, "max": 4096})
+    lora_alpha: int = field(default=16, metadata={
+        "help": "lora/ffa-lora: scaling alpha.", "min": 1})
     lora_targets: list[str] = field(default_factory=list, metadata={
         "help": "lora/ffa-lora: module names to adapt; empty = query,value (BERT) or "
                 "q_proj,v_proj (LLaMA)."})
@@ -62,6 +64,12 @@ class Method:
     def round_names(self, server_round: int, sent: Sequence[str]) -> list[str]:
         """Tensors clients train and upload in `server_round` (server side decides)."""
         return list(sent)
+
+    def planned_round_names(self, server_round: int, sent: Sequence[str],
+                            numel: Mapping[str, int]) -> tuple[list[str], bool]:
+        """What `fedtt plan` expects clients to upload in `server_round` of a fresh run, and
+        whether that is only an upper bound (a choice that depends on the training)."""
+        return self.round_names(server_round, sent), False
 
     def aggregate(self, server_round: int, current: Mapping[str, torch.Tensor],
                   replies: Replies) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from fedtt.errors import ConfigError
 from fedtt.methods.base import HEAD_PARAM, Method
 
 BERT_LORA_TARGETS = ["query", "value"]
@@ -22,7 +23,7 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     for targets in (BERT_LORA_TARGETS, LLAMA_LORA_TARGETS):
         if set(targets) <= leaves:
             return list(targets)
-    raise ValueError("cannot find query/value projections (query,value or q_proj,v_proj) in "
+    raise ConfigError("cannot find query/value projections (query,value or q_proj,v_proj) in "
                      "this model; set method.lora_targets")
 
 
@@ -31,7 +32,7 @@ class LoRA(Method):
 
     def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
         if self.adapter.head == "tensorize":
-            raise ValueError("adapter.head = 'tensorize' is for TT methods; "
+            raise ConfigError("adapter.head = 'tensorize' is for TT methods; "
                              "use train-and-send or keep-local with LoRA")
         targets = self.cfg.lora_targets or default_lora_targets(model)
         torch.manual_seed(seed)  # peft draws A from the global generator
