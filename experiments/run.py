@@ -1,14 +1,28 @@
-"""Run every experiment config under experiments/ and write results/<name>.json and docs/results.md.
+"""The evidence behind docs/results.md, run by one resumable script.
 
-    python experiments/run.py                      # tune, run everything, write the report
-    python experiments/run.py --only 'cross-silo/movie-reviews-*' --seeds 0
-    python experiments/run.py --report             # only redraw docs/results.md from results/
+    python experiments/run.py                        # select rates, run every cell, report
+    python experiments/run.py --only 'c3-*/*' --workers 1
+    python experiments/run.py --commit               # git-commit each record as it lands
+    python experiments/run.py --report               # only redraw docs/results.md
 
-Each `experiments/<group>/<name>.toml` is a complete `fedtt run` config; this script runs it
-once per seed (`fedtt run --config FILE --set training.seed=S`) into
-`runs/experiments/<group>/<name>/seed<S>/`. A finished seed is never run twice, so a killed
-invocation continues where it stopped. A config that sets no `training.lr` gets its method's
-rate from a small grid (`LR_GRID`) tuned first on `TUNE_CONFIG` with a seed outside the grid.
+Each `experiments/<group>/<name>.toml` is a complete `fedtt run` config plus an optional
+`[evidence]` table that this script reads and strips:
+
+- `select`: the config (group/name) whose validation accuracy chooses this cell's learning
+  rate (default: the cell itself). A cell that sets `training.lr` is not tuned.
+- `seeds`: how many seeds to run (default `len(SEEDS)`).
+
+Protocol: every config holds out `data.val_fraction` of its training rows (seeded) as a
+validation split. The rate is chosen from `LR_GRID` by the score of one run per rate with
+`SELECT_SEED` (a seed no reported run uses); when the best rate sits at an edge of the grid,
+the grid is extended by the next factor of two on that side (up to `MAX_EXTENSIONS` times).
+The score of a run is the mean of its last two evaluations, validation accuracy for choosing
+and test accuracy for reporting; the test split is never used to choose anything.
+
+Every finished run leaves a record, `results/<group>/<name>/seed<S>.json` (selection runs:
+`results/select/<group>/<name>/lr<rate>.json`); a record that exists is never run again, so
+an interrupted invocation, or one on a fresh machine with no `runs/`, continues from what is
+committed. Runs go to `runs/experiments/` (not committed).
 """
 
 from __future__ import annotations
@@ -17,9 +31,9 @@ import argparse
 import fnmatch
 import json
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -32,258 +46,215 @@ RESULTS = ROOT / "results"
 RUNS = ROOT / "runs" / "experiments"
 DOC = ROOT / "docs" / "results.md"
 IMG = ROOT / "docs" / "img"
-LR_GRID = (2e-3, 5e-3, 1e-2)
-TUNE_SEED = 100
-TUNE_CONFIG = "cross-silo/movie-reviews-{method}-iid"
-SEEDS = (0, 1, 2)
-GROUP_ORDER = ("cross-silo", "cross-device", "decoder", "heterogeneity", "precision",
-               "privacy", "ablation")
+LR_GRID = (2e-3, 5e-3, 1e-2, 2e-2)
+MAX_EXTENSIONS = 2
+SELECT_SEED = 100
+SEEDS = (0, 1, 2, 3)
+KEEP = ("round", "accuracy", "loss", "macro_f1", "val_accuracy", "val_loss", "upload_bytes",
+        "download_bytes", "cumulative_bytes", "upload_wire_bytes", "download_wire_bytes",
+        "cumulative_wire_bytes", "clients", "epsilon", "train_loss", "aggregation_gap",
+        "clients_out_of_budget", "clipped", "failed", "rejected", "seconds")
 
 
-# --- configs and jobs ------------------------------------------------------------------------
+# --- configs -----------------------------------------------------------------------------------
 def configs(only: list[str]) -> list[str]:
     """Names `group/name` of the experiment configs, optionally filtered by globs."""
     names = sorted(str(p.relative_to(EXPERIMENTS).with_suffix(""))
                    for p in EXPERIMENTS.glob("*/*.toml"))
-    if only:
-        names = [n for n in names if any(fnmatch.fnmatch(n, g) for g in only)]
-    return sorted(names, key=lambda n: (_group_rank(n), n))
-
-
-def _group_rank(name: str) -> int:
-    group = name.split("/")[0]
-    return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER)
+    return [n for n in names if not only or any(fnmatch.fnmatch(n, g) for g in only)]
 
 
 def load(name: str) -> dict:
+    """A config as written, `[evidence]` table included."""
     return tomllib.loads((EXPERIMENTS / f"{name}.toml").read_text())
 
 
-def run_dir(name: str, seed: int, tag: str = "") -> Path:
-    return RUNS / f"{name}{tag}" / f"seed{seed}"
+def evidence(name: str) -> dict:
+    return load(name).get("evidence", {})
 
 
-def finished(out: Path) -> bool:
-    path = out / "summary.json"
-    return path.exists() and json.loads(path.read_text()).get("status") == "completed"
+def fedtt_toml(name: str) -> str:
+    """The config without the `[evidence]` table (what `fedtt run --config` reads)."""
+    from fedtt.config import toml_value
+
+    lines = []
+    for section, values in load(name).items():
+        if section == "evidence":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
 
 
-def run_jobs(jobs: list[tuple[str, Path, list[str]]], workers: int) -> list[str]:
-    """Run `fedtt run` jobs (config name, output dir, overrides), `workers` at a time, each
-    on one thread; returns the names of failed jobs (their log is next to their run dir)."""
-    todo = [j for j in jobs if not finished(j[1])]
+def score(rounds: list[dict], key: str) -> float | None:
+    """Mean of the last two evaluations of `key` (None before any)."""
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    return sum(values[-2:]) / len(values[-2:]) if values else None
+
+
+# --- records -----------------------------------------------------------------------------------
+def record_path(name: str, seed: int | None = None, lr: float | None = None) -> Path:
+    if lr is not None:
+        return RESULTS / "select" / name / f"lr{lr:g}.json"
+    return RESULTS / name / f"seed{seed}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def make_record(name: str, out: Path, seed: int, lr: float) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines() if x]
+    return {"name": name, "seed": seed, "lr": lr, "config": load(name),
+            "summary": {k: v for k, v in summary.items() if k != "versions"},
+            "versions": summary.get("versions", {}),
+            "rounds": [{k: r.get(k) for k in KEEP if k in r} for r in rows],
+            "label_counts": json.loads((out / "label_counts.json").read_text())["counts"]}
+
+
+def write_record(path: Path, data: dict, commit: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    if commit:
+        rel = path.relative_to(ROOT)
+        for _ in range(5):  # another git command may hold the index for a moment
+            subprocess.run(["git", "add", str(rel)], cwd=ROOT, capture_output=True)
+            done = subprocess.run(["git", "commit", "-q", "-m", f"Evidence: {rel}", "--",
+                                   str(rel)], cwd=ROOT, capture_output=True)
+            if done.returncode == 0:
+                break
+            time.sleep(2)
+
+
+# --- running -----------------------------------------------------------------------------------
+class Job:
+    """One `fedtt run` of a config with a seed and a rate, and where its record goes."""
+
+    def __init__(self, name: str, seed: int, lr: float, record: Path) -> None:
+        self.name, self.seed, self.lr, self.record = name, seed, lr, record
+        tag = record.relative_to(RESULTS).with_suffix("")
+        self.out = RUNS / tag
+
+    def command(self, config: Path) -> list[str]:
+        return [sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--config", str(config),
+                "--out", str(self.out), "--overwrite",
+                "--set", f"training.seed={self.seed}", "--set", f"training.lr={self.lr}"]
+
+
+def run_jobs(jobs: list[Job], workers: int, commit: bool) -> list[str]:
+    """Run the jobs without a record, `workers` at a time on one thread each; write each
+    finished one's record; return the failures (their logs lie beside their run dirs)."""
+    todo = [j for j in jobs if not j.record.exists()]
     failed: list[str] = []
-    running: list[tuple[subprocess.Popen, tuple, object]] = []
+    running: list[tuple[subprocess.Popen, Job, object]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    configs_dir = Path(tempfile.mkdtemp(prefix="fedtt-evidence-"))
     bar = tqdm(total=len(todo), desc="runs", unit="run")
     while todo or running:
         while todo and len(running) < workers:
-            name, out, sets = job = todo.pop(0)
-            out.mkdir(parents=True, exist_ok=True)
-            log = open(out.parent / f"{out.name}.log", "w")
-            cmd = [sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--config",
-                   str(EXPERIMENTS / f"{name}.toml"), "--out", str(out)]
-            for s in sets:
-                cmd += ["--set", s]
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             env=env), job, log))
+            job = todo.pop(0)
+            config = configs_dir / f"{job.name.replace('/', '__')}.toml"
+            config.write_text(fedtt_toml(job.name))
+            job.out.parent.mkdir(parents=True, exist_ok=True)
+            log = open(job.out.parent / f"{job.out.name}.log", "w")
+            running.append((subprocess.Popen(job.command(config), stdout=log,
+                                             stderr=subprocess.STDOUT, env=env), job, log))
         time.sleep(1.0)
         for entry in list(running):
             proc, job, log = entry
-            if proc.poll() is None:
-                continue
-            running.remove(entry)
-            log.close()
-            bar.update(1)
-            if proc.returncode != 0 or not finished(job[1]):
-                failed.append(f"{job[0]} ({job[1].name}, exit {proc.returncode})")
-                tqdm.write(f"FAILED {job[0]} {job[1].name}: see {job[1]}.log")
+            if proc.poll() is not None:
+                running.remove(entry)
+                log.close()
+                bar.update(1)
+                summary = job.out / "summary.json"
+                if proc.returncode == 0 and summary.exists() and json.loads(
+                        summary.read_text())["status"] == "completed":
+                    write_record(job.record, make_record(job.name, job.out, job.seed, job.lr),
+                                 commit)
+                else:
+                    failed.append(f"{job.name} seed {job.seed} lr {job.lr:g} "
+                                  f"(exit {proc.returncode}, log {job.out}.log)")
+                    tqdm.write(f"FAILED {failed[-1]}")
     bar.close()
     return failed
 
 
-# --- learning-rate tuning ----------------------------------------------------------------------
-def tune(methods: list[str], workers: int) -> tuple[dict[str, float], list[str]]:
-    """Pick each method's rate from LR_GRID by final accuracy on TUNE_CONFIG, seed TUNE_SEED."""
-    jobs = []
-    for method in methods:
-        name = TUNE_CONFIG.format(method=method.replace("+", "plus"))
-        for lr in LR_GRID:
-            jobs.append((name, run_dir(name, TUNE_SEED, f"-lr{lr:g}"),
-                         [f"training.seed={TUNE_SEED}", f"training.lr={lr}"]))
-    failed = run_jobs(jobs, workers)
-    table: dict[str, dict[str, float]] = {}
-    for (_, out, _), method in zip(jobs, [m for m in methods for _ in LR_GRID], strict=True):
-        if finished(out):
-            acc = json.loads((out / "summary.json").read_text())["final_accuracy"]
-            table.setdefault(method, {})[out.parent.name.rsplit("-lr", 1)[1]] = acc
-    chosen = {m: float(max(accs, key=accs.get)) for m, accs in table.items()}
-    RESULTS.mkdir(exist_ok=True)
-    _write(RESULTS / "lr-tuning.json", {
-        "config": TUNE_CONFIG, "seed": TUNE_SEED, "grid": list(LR_GRID),
-        "final_accuracy": table, "chosen": chosen})
-    return chosen, failed
+def select_rate(name: str, workers: int, commit: bool) -> tuple[float | None, list[str]]:
+    """The rate for config `name` chosen on validation (None if its runs failed)."""
+    grid, failed = list(LR_GRID), []
+    for _ in range(MAX_EXTENSIONS + 1):
+        failed += run_jobs([Job(name, SELECT_SEED, lr, record_path(name, lr=lr))
+                            for lr in grid], workers, commit)
+        scores = selection_scores(name)
+        if not scores:
+            return None, failed
+        best = max(scores, key=scores.get)
+        if best == min(grid):
+            grid = [best / 2] + grid
+        elif best == max(grid):
+            grid = grid + [best * 2]
+        else:
+            return best, failed
+    return best, failed
 
 
-# --- collecting --------------------------------------------------------------------------------
-def collect(name: str, seeds: list[int], lr: float | None) -> dict | None:
-    """results/<name>.json from the finished seeds of one config (None if none finished)."""
-    runs = []
-    for seed in seeds:
-        out = run_dir(name, seed)
-        if not finished(out):
-            continue
-        summary = json.loads((out / "summary.json").read_text())
-        rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines() if x]
-        keep = ("round", "accuracy", "macro_f1", "loss", "upload_bytes", "download_bytes",
-                "cumulative_bytes", "clients", "epsilon", "seconds")
-        runs.append({"seed": seed, "summary": {k: v for k, v in summary.items()
-                                              if k != "versions"},
-                     "versions": summary.get("versions", {}),
-                     "rounds": [{k: r.get(k) for k in keep} for r in rows],
-                     "upload_breakdown": _breakdown(out),
-                     "client_upload_bytes": _client_uploads(out),
-                     # training rows per client and label (the partition depends on the seed)
-                     "client_label_counts": json.loads(
-                         (out / "label_counts.json").read_text())["counts"]})
-    if not runs:
-        return None
-    cfg = load(name)
-    finals = [r["summary"]["final_accuracy"] for r in runs]
-    counts = json.loads((run_dir(name, runs[0]["seed"]) / "label_counts.json").read_text())
-    per_label = [sum(col) for col in zip(*counts["counts"], strict=True)]
-    per_client = [statistics.mean(r["upload_bytes"] / max(len(r["clients"]), 1)
-                                  for r in run["rounds"] if r["round"] > 0 and r["clients"])
-                  for run in runs]
-    result = {
-        "name": name, "group": name.split("/")[0], "config": cfg,
-        "lr": lr if lr is not None else cfg.get("training", {}).get("lr"),
-        "method": cfg.get("method", {}).get("name", "fedtt"),
-        "seeds": [r["seed"] for r in runs],
-        "final_accuracy_mean": statistics.mean(finals),
-        "final_accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-        "final_macro_f1_mean": statistics.mean(r["summary"]["final_macro_f1"] for r in runs),
-        "upload_bytes_per_client_round": statistics.mean(per_client),
-        "total_bytes_mean": statistics.mean(r["summary"]["total_bytes"] for r in runs),
-        "wall_seconds_mean": statistics.mean(r["summary"]["wall_seconds"] for r in runs),
-        "majority_share": max(per_label) / sum(per_label),  # of the training labels
-        "runs": runs,
-    }
-    path = RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, result)
-    return result
-
-
-def _breakdown(out: Path) -> dict[str, int]:
-    """Upload bytes of the first client in round 1, by kind of tensor."""
-    first: dict[str, int] = {}
-    client = None
-    for line in (out / "ledger.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["round"] != 1 or row["direction"] != "up" or not row.get("sent", True):
-            continue
-        client = row["client"] if client is None else client
-        if row["client"] == client:
-            kind = _kind(row["name"])
-            first[kind] = first.get(kind, 0) + row["bytes"]
-    return first
-
-
-def _client_uploads(out: Path) -> dict[str, float]:
-    """Mean upload bytes per round of each client (by partition id)."""
-    totals: dict[str, float] = {}
-    rounds: dict[str, set] = {}
-    for line in (out / "ledger.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["direction"] == "up" and row["client"] is not None:
-            key = str(row["client"])
-            totals[key] = totals.get(key, 0) + row["bytes"]
-            rounds.setdefault(key, set()).add(row["round"])
-    return {k: totals[k] / len(rounds[k]) for k in sorted(totals, key=int)}
-
-
-def _kind(name: str) -> str:
-    if "lora_" in name:
-        return "LoRA factors"
-    if "core_" in name:
-        return "TT cores"
-    if "tt_" in name and "bias" in name:
-        return "adapter biases"
-    if "norm" in name.lower():
-        return "norms"
-    return "head"
-
-
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+def selection_scores(name: str) -> dict[float, float]:
+    """Validation score of every finished selection run of `name`, by rate."""
+    out = {}
+    for path in sorted((RESULTS / "select" / name).glob("lr*.json")):
+        rec = read_record(path)
+        value = score(rec["rounds"], "val_accuracy")
+        if value is not None:
+            out[rec["lr"]] = value
+    return out
 
 
 # --- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[],
-                        help="glob over group/name, e.g. 'cross-silo/*' (repeatable)")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+                        help="glob over group/name, e.g. 'c3-*/*' (repeatable)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit each record as it is written")
     parser.add_argument("--report", action="store_true", help="only write docs/results.md")
     args = parser.parse_args(argv)
+    failed: list[str] = []
     if not args.report:
-        seeds = [int(s) for s in args.seeds.split(",")]
         names = configs(args.only)
         if not names:
             parser.error(f"no experiment config matches {args.only}")
-        started = time.time()
-        # Tune for every method any config leaves untuned (finished runs are not redone),
-        # so that lr-tuning.json always covers them all.
-        untuned = sorted({load(n).get("method", {}).get("name", "fedtt") for n in configs([])
-                          if "lr" not in load(n).get("training", {})})
-        chosen, failed = tune(untuned, args.workers) if untuned else ({}, [])
+        rates: dict[str, float | None] = {}
+        for name in names:  # every cell's rate first, then seeds
+            given = load(name).get("training", {}).get("lr")
+            select = evidence(name).get("select", name)
+            if given is None and select not in rates:
+                rates[select], more = select_rate(select, args.workers, args.commit)
+                failed += more
         jobs = []
-        for seed in seeds:  # every config's first seed before any config's second
+        for i in range(len(SEEDS)):  # every cell's first seed before any cell's second
             for name in names:
-                method = load(name).get("method", {}).get("name", "fedtt")
-                sets = [f"training.seed={seed}"]
-                if "lr" not in load(name).get("training", {}):
-                    if method not in chosen:
-                        failed.append(f"{name}: no tuned learning rate for {method}")
-                        continue
-                    sets.append(f"training.lr={chosen[method]}")
-                jobs.append((name, run_dir(name, seed), sets))
-        failed += run_jobs(jobs, args.workers)
-        _log_session(started, len(jobs), args.workers, args.only)
+                if i >= evidence(name).get("seeds", len(SEEDS)):
+                    continue
+                lr = load(name).get("training", {}).get("lr") or rates.get(
+                    evidence(name).get("select", name))
+                if lr is None:
+                    failed.append(f"{name}: no rate (its selection runs failed)")
+                    continue
+                jobs.append(Job(name, SEEDS[i], lr, record_path(name, SEEDS[i])))
+        failed += run_jobs(jobs, args.workers, args.commit)
         if failed:
-            print("failed:\n  " + "\n  ".join(failed), file=sys.stderr)
-    collect_all(list(SEEDS))  # every finished seed, whichever invocation ran it
+            print("failed:\n  " + "\n  ".join(sorted(set(failed))), file=sys.stderr)
     sys.path.insert(0, str(EXPERIMENTS))
     from report import write_report
 
     write_report(RESULTS, DOC, IMG)
     print(f"wrote {DOC.relative_to(ROOT)}")
-    return 0 if args.report or not failed else 1
-
-
-def collect_all(seeds: list[int]) -> None:
-    """results/<name>.json for every config with finished runs under runs/experiments."""
-    tuning = RESULTS / "lr-tuning.json"
-    chosen = json.loads(tuning.read_text())["chosen"] if tuning.exists() else {}
-    for name in configs([]):
-        cfg = load(name)
-        tuned = None if "lr" in cfg.get("training", {}) else chosen.get(
-            cfg.get("method", {}).get("name", "fedtt"))
-        collect(name, seeds, tuned)
-
-
-def _log_session(started: float, jobs: int, workers: int, only: list[str]) -> None:
-    path = RESULTS / "sessions.json"
-    sessions = json.loads(path.read_text())["sessions"] if path.exists() else []
-    sessions.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
-                     "elapsed_seconds": round(time.time() - started, 1), "jobs_planned": jobs,
-                     "workers": workers, "only": only, "cpus": os.cpu_count()})
-    _write(path, {"sessions": sessions})
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":
