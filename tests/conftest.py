@@ -17,3 +17,12 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A run with `training.threads` sets torch's process-wide thread count, and float sums
+    depend on it: no test leaves it changed for the next."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

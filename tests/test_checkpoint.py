@@ -82,7 +82,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
 
 
 def test_killed_process_resumes_from_the_cli(tmp_path):
-    sets = {"method.name": "fedtt+", "federation.rounds": 12, "training.local_steps": 8}
+    # One torch thread here and in the CLI processes (float sums depend on the thread count).
+    sets = {"method.name": "fedtt+", "federation.rounds": 12, "training.local_steps": 8,
+            "training.threads": 1}
     full = tiny(tmp_path, "full", **sets)
     run_inprocess(full, quiet=True)
 

@@ -231,12 +231,15 @@ class FedTTStrategy(FedAvg):
                 "participations": dict(self.participations), "method": self.method.state()}
 
     def load_state(self, state: dict, *, clients_kept_state: bool) -> None:
-        """Restore `state()`; without the clients' own state, resend everything once."""
+        """Restore `state()`. Without the clients' own state (fresh SuperNodes, with new node
+        ids) nothing keyed by node carries over: everything is sent again once, and each
+        node's partition and TT rank are learnt anew from its replies."""
         self.global_state = {n: state["global"][n].clone() for n in self.sent}  # (its order)
         self.version = dict(state["version"])
-        self.held = dict(state["held"]) if clients_kept_state else {}
-        self.node_client = dict(state["node_client"])
-        self.client_rank = dict(state["client_rank"])
+        kept = clients_kept_state
+        self.held = dict(state["held"]) if kept else {}
+        self.node_client = dict(state["node_client"]) if kept else {}
+        self.client_rank = dict(state["client_rank"]) if kept else {}
         self.epsilon = dict(state["epsilon"])
         self.participations = dict(state.get("participations", {}))
         self.rng.setstate(state["rng"])
