@@ -68,6 +68,7 @@ def wire_bytes(model: nn.Module, sent: Sequence[str], upload: Sequence[str],
     down = Message(RecordDict({"arrays": packed(download), "config": payload.train_config(
         server_round, payload.mask_of(sent, upload), payload.mask_of(sent, download), True)}),
         message_type=MessageType.TRAIN, dst_node_id=2, group_id=str(server_round))
+    down.metadata.__dict__["_message_id"] = down.object_id  # as a grid's push sets it
     metrics = MetricRecord({"partition-id": 0, "num-examples": 1000, "train_loss": 0.5,
                             "train_seconds": 1.0})
     up = Message(RecordDict({"arrays": packed(upload), "metrics": metrics}), reply_to=down)
