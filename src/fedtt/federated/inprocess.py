@@ -157,6 +157,6 @@ def run_inprocess(cfg: RunConfig, *, quiet: bool = False, verbose: bool = False,
     level = flwr_logger.level
     flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        return server_app.run(grid, context)
+        return server_app.run(grid, context, clients=grid)
     finally:
         flwr_logger.setLevel(level)

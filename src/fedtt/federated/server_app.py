@@ -7,11 +7,11 @@ Deployment Engine; everything it needs comes from the run config.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
@@ -29,38 +29,50 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, context)
+    run(PollingGrid(grid), context)
 
 
-def poll_replies(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None,
-                 interval: float = 0.1) -> list[Message]:
-    """`Grid.send_and_receive` with the same meaning, pulling every `interval` seconds.
+class PollingGrid:
+    """Flower's Deployment Engine grid, with `send_and_receive` pulling every `interval`
+    seconds: Flower 1.41's own waits 3 s between pulls, which adds up to 3 s to every phase
+    of every round. Only the grid's public push and pull are used; the rest is the grid's."""
 
-    Flower 1.41's Deployment Engine grid waits 3 s between pulls, which adds up to 3 s to
-    every phase of every round; this uses only the Grid's public push and pull.
-    """
-    pending = set(grid.push_messages(messages))
-    end = None if timeout is None else time.time() + timeout
-    replies: list[Message] = []
-    while pending and (end is None or time.time() < end):
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(interval)
-    return replies
+    def __init__(self, grid: Grid, interval: float = 0.1) -> None:
+        self._grid, self._interval = grid, interval
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        """`Grid.send_and_receive` with the same meaning."""
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.time() + timeout
+        replies: list[Message] = []
+        while pending and (end is None or time.time() < end):
+            got = list(self._grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self._interval)
+        return replies
 
 
-def run(grid: Grid, context: Context) -> dict:
+class ClientStore(Protocol):
+    """The simulated clients' own state, which only an in-process grid holds."""
+
+    def client_states(self) -> dict: ...
+
+    def load_client_states(self, states: dict) -> None: ...
+
+
+def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dict:
     """Run every round (or, with run config `fedtt-resume`, those after the checkpoint in
-    the output directory); write the run directory; return the summary."""
-    from fedtt.federated.inprocess import InProcessGrid  # (it imports this module)
-
-    if not isinstance(grid, InProcessGrid):  # in-process replies arrive on the first pull
-        grid.send_and_receive = functools.partial(poll_replies, grid)
+    the output directory); write the run directory; return the summary. `clients` is the
+    in-process clients' state (None on a Deployment Engine, where the SuperNodes keep it)."""
     rt = get_runtime(context.run_config)
     cfg = rt.cfg
-    in_process = isinstance(grid, InProcessGrid)
+    in_process = clients is not None
     resumed = checkpoint.load(cfg.output.dir) if context.run_config.get("fedtt-resume") else None
     # Clients' own state comes back only in-process, from an in-process checkpoint;
     # otherwise they start empty and get every tensor again in their first round.
@@ -96,7 +108,7 @@ def run(grid: Grid, context: Context) -> dict:
     if resumed:
         strategy.load_state(resumed["strategy"], clients_kept_state=restores)
         if restores:
-            grid.load_client_states(resumed["clients"])
+            clients.load_client_states(resumed["clients"])
     last = recorder.rows[-1] if recorder.rows else {}
     state = {"cumulative": last.get("cumulative_bytes", 0),
              "cumulative_wire": last.get("cumulative_wire_bytes", 0),
@@ -152,7 +164,7 @@ def run(grid: Grid, context: Context) -> dict:
 
     def after_round(server_round: int) -> None:
         checkpoint.save(recorder.dir, server_round, strategy.state(),
-                        grid.client_states() if in_process else None)
+                        clients.client_states() if clients is not None else None)
 
     stopped = None
     try:
