@@ -13,7 +13,7 @@ from fedtt.config import load_config
 from fedtt.federated.inprocess import run_inprocess
 from fedtt.results import read_rounds
 sets = json.loads(sys.argv[1])
-cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+cfg = load_config(None, values=sets)
 start = time.perf_counter()
 summary = run_inprocess(cfg, quiet=True)
 rounds = read_rounds(cfg.output.dir)

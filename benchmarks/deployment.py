@@ -51,7 +51,7 @@ def settings(model: str, rounds: int, out: str) -> dict:
 
 def run_case(model: str, isolation: str, rounds: int, tmp: Path) -> dict:
     sets = settings(model, rounds, str(tmp / f"{model}-{isolation}"))
-    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    cfg = load_config(None, values=sets)
     builds = tmp / f"{model}-{isolation}-builds.jsonl"
     app = write_app_dir(tmp / f"{model}-{isolation}-app", fedtt_run_config(cfg),
                         build_log=builds)

@@ -100,7 +100,7 @@ def scenarios(tmp: str) -> list[dict]:
     out = []
     for i, (label, kind, extra, expected) in enumerate(cases):
         sets = {**base, **extra, "output.dir": f"{tmp}/s{i}"}
-        cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+        cfg = load_config(None, values=sets)
         try:
             run_inprocess(cfg, quiet=True, client_app=faulty(kind))
         except RoundFailed:
@@ -127,7 +127,7 @@ def poisoning(tmp: str) -> list[dict]:
     out = []
     for i, (label, extra, app) in enumerate(cases):
         sets = {**base, **extra, "output.dir": f"{tmp}/p{i}"}
-        cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+        cfg = load_config(None, values=sets)
         try:
             summary = run_inprocess(cfg, quiet=True, client_app=app)
         except RoundFailed:

@@ -114,10 +114,10 @@ def make_record(name: str, out: Path, seed: int, lr: float) -> dict:
 
 
 def write_record(path: Path, data: dict, commit: bool) -> None:
+    from fedtt.results import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
     if commit:
         rel = path.relative_to(ROOT)
         for _ in range(5):  # another git command may hold the index for a moment

@@ -71,7 +71,7 @@ def tiny(out_dir: Path, **sets):
             "training.lr": 0.01, "training.threads": 1, "output.plots": False,
             "output.dir": str(out_dir)}
     base.update(sets)
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    return load_config(None, values=base)
 
 
 def read_run(run_dir: Path):

@@ -50,7 +50,7 @@ def test_short_federated_run_on_minilm_and_movie_reviews(tmp_path):
     sets = {"federation.rounds": 2, "training.local_steps": 2, "training.batch_size": 8,
             "data.max_train_examples": 120, "data.max_test_examples": 64,
             "output.dir": str(tmp_path / "run"), "output.plots": False}
-    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    cfg = load_config(None, values=sets)
     assert cfg.model.name == "minilm" and cfg.data.task == "movie-reviews"
     summary = run_inprocess(cfg, quiet=True)
     assert summary["rounds"] == 2 and summary["total_upload_bytes"] > 0

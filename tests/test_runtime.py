@@ -32,7 +32,7 @@ def tiny(tmp_path, name="run", **sets):
             "federation.rounds": 3, "training.local_steps": 6, "training.batch_size": 8,
             "training.lr": 0.01, "output.plots": False, "output.dir": str(tmp_path / name)}
     base.update(sets)
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    return load_config(None, values=base)
 
 
 def read(run_dir):

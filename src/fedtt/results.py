@@ -90,9 +90,7 @@ def _keep_lines(path: Path, last_round: int) -> None:
     """Rewrite a JSON-lines file keeping the rows of rounds up to `last_round` (atomically)."""
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     kept = [x for x in lines if x.strip() and _complete_round(x, last_round)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(x + "\n" for x in kept))
 
 
 def _complete_round(line: str, last_round: int) -> bool:
@@ -123,11 +121,15 @@ def check_history(run_dir: str | Path, last_round: int) -> None:
                          f"after round {last_round}")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically: a reader never sees half a file."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` so that a reader never sees half a file (a temporary, then a rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def versions() -> dict[str, str]:
