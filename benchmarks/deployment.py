@@ -53,11 +53,10 @@ def run_case(model: str, isolation: str, rounds: int, tmp: Path) -> dict:
     sets = settings(model, rounds, str(tmp / f"{model}-{isolation}"))
     cfg = load_config(None, values=sets)
     builds = tmp / f"{model}-{isolation}-builds.jsonl"
-    app = write_app_dir(tmp / f"{model}-{isolation}-app", fedtt_run_config(cfg),
-                        build_log=builds)
+    app = write_app_dir(tmp / f"{model}-{isolation}-app", fedtt_run_config(cfg))
     start = time.perf_counter()
     with LocalDeployment(tmp / f"{model}-{isolation}-deploy", 2,
-                         warm=isolation == "warm") as dep:
+                         warm=isolation == "warm", build_log=builds) as dep:
         up = time.perf_counter() - start
         result = dep.run(app, timeout=600)
         workers = [p.pid for p in dep.processes if p.name.startswith("clientapp")]

@@ -1,6 +1,6 @@
 """Robustness report: malformed replies through the real aggregation path, and faulty clients.
 
-1. For every mutation in `fedtt.federated.faults.MUTATIONS`, `--seeds` malformed replies are
+1. For every mutation in `fedtt.testing.MUTATIONS`, `--seeds` malformed replies are
    each sent with two valid replies through `FedTTStrategy.aggregate_train`. Counted: replies
    tried, rejected with a reason, rounds where the global tensors stayed bit-identical to a
    round without the bad reply, and server crashes.
@@ -38,10 +38,10 @@ from flwr.clientapp import ClientApp
 
 from fedtt.config import load_config
 from fedtt.federated import client_app as default_client
-from fedtt.federated.faults import MUTATIONS, Harness, poisoning_app
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.federated.strategy import RoundFailed, Safeguards
+from fedtt.federated.safeguards import RoundFailed, Safeguards
 from fedtt.results import read_rounds
+from fedtt.testing import MUTATIONS, Harness, poisoning_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,7 +218,7 @@ def write_markdown(fz: dict, sc: list[dict], seeds: int, poison: list[dict],
         "",
         "## Malformed replies through the real aggregation path",
         "",
-        f"Each malformed reply (`fedtt.federated.faults`, {seeds} seeds per kind) was sent with "
+        f"Each malformed reply (`fedtt.testing`, {seeds} seeds per kind) was sent with "
         "two valid replies to `FedTTStrategy.aggregate_train`. *Rejected* means it was refused "
         "with a reason; *global intact* means the global tensors afterwards were bit-identical to "
         "a round in which that client never replied.",

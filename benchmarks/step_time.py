@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fedtt.adapters import AdapterConfig  # noqa: E402
-from fedtt.methods import MethodConfig, make_method  # noqa: E402
+from fedtt.methods import make_method  # noqa: E402
 from fedtt.methods.base import HEAD_PARAM  # noqa: E402
 from fedtt.models import load_model  # noqa: E402
 from fedtt.results import versions  # noqa: E402
@@ -45,7 +45,7 @@ def build(spec: str, method: str, device: str, dtype: torch.dtype) -> torch.nn.M
         for name, p in model.named_parameters():
             p.requires_grad_(bool(HEAD_PARAM.search(name)))
     else:
-        model = make_method(MethodConfig(name=method), AdapterConfig()).build(model)
+        model = make_method(method, AdapterConfig()).build(model)
     return model.to(device=device, dtype=dtype).train()
 
 

@@ -14,18 +14,19 @@ from fedtt.adapters import (
     inject_adapters,
     tt_layers,
 )
-from fedtt.methods import MethodConfig, make_method
+from fedtt.methods import METHODS as REGISTRY
+from fedtt.methods import make_method
 from fedtt.models import load_model, load_tokenizer
 
 ARCHS = ["arch:tiny-bert", "arch:tiny-roberta", "arch:tiny-llama"]
-METHODS = ["fedtt", "fedtt+", "lora", "ffa-lora"]
+METHODS = list(REGISTRY)  # every registered method
 NORM = re.compile(r"(LayerNorm|norm)\.")
 HEAD = re.compile(r"(^|\.)(classifier|score)\.")
 
 
 def build(arch, method, **adapter):
     model = load_model(arch, 3, seed=0)
-    m = make_method(MethodConfig(name=method), AdapterConfig(**adapter))
+    m = make_method(method, AdapterConfig(**adapter))
     return m.build(model, seed=0), m
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import crash_at, tiny
 from safetensors.torch import load_file
-from test_runtime import tiny
 
 from fedtt import results
 from fedtt.cli import main
@@ -38,31 +38,15 @@ def assert_same_run(a, b):
 
 
 CASES = {
-    "fedtt+ adaptive, keep-local head": {"method.name": "fedtt+", "method.policy": "adaptive",
+    "fedtt+ adaptive, keep-local head": {"method.name": "fedtt+", "fedtt.policy": "adaptive",
                                          "adapter.head": "keep-local"},
     "lora cross-device": {"method.name": "lora", "federation.mode": "cross-device",
                           "federation.num_clients": 8, "federation.clients_per_round": 3},
     "fedtt bfloat16, eval every 2": {"federation.precision": "bfloat16",
                                      "federation.eval_every": 2},
-    "fedtt mixed client ranks": {"adapter.rank": 6, "method.aggregation": "exact",
-                                 "federation.client_ranks": [2, 4, 6]},
+    "fedtt mixed client ranks": {"adapter.rank": 6, "fedtt.aggregation": "exact",
+                                 "fedtt.client_ranks": [2, 4, 6]},
 }
-
-
-def crash_at(cfg, monkeypatch, crash_round):
-    """Run `cfg` in-process until it dies while recording round `crash_round`."""
-    real_round = results.Recorder.round
-
-    def crash(self, row):
-        if row["round"] == crash_round:
-            raise KeyboardInterrupt
-        real_round(self, row)
-
-    monkeypatch.setattr(results.Recorder, "round", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_inprocess(cfg, quiet=True)
-    monkeypatch.setattr(results.Recorder, "round", real_round)
-    assert not (Path(cfg.output.dir) / "summary.json").exists()
 
 
 @pytest.mark.parametrize("crash_round", [1, 3])
@@ -138,7 +122,7 @@ def test_resuming_drops_a_stopped_runs_summary(tmp_path):
 def test_checkpoint_is_safetensors_with_json_state(tmp_path):
     from safetensors import safe_open
 
-    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "method.policy": "adaptive",
+    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "fedtt.policy": "adaptive",
                             "federation.rounds": 2})
     run_inprocess(cfg, quiet=True)
     with safe_open(str(Path(cfg.output.dir) / "checkpoint.safetensors"), "pt") as f:

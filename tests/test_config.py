@@ -46,7 +46,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("[data]\npartition = \"random\"\n", "data.partition"),
     ("[federation]\nnum_clients = 0\n", "federation.num_clients"),
     ("[adapter]\nhead = \"drop\"\n", "adapter.head"),
-    ("[method]\naggregation = \"median\"\n", "method.aggregation"),
+    ("[fedtt]\naggregation = \"median\"\n", "fedtt.aggregation"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):

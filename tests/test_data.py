@@ -60,7 +60,7 @@ def test_list_tasks_describes_every_builtin_without_fetching(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("list_tasks must not fetch")
 
-    monkeypatch.setattr(data, "fetch_package", boom)
+    monkeypatch.setattr(data.tasks, "fetch_package", boom)
     tasks = data.list_tasks()
     assert [t["name"] for t in tasks] == BUILTIN
     for t in tasks:
@@ -154,7 +154,7 @@ def test_builtin_loads_from_parsed_cache_without_fetching(name, monkeypatch):
     def offline(*a, **k):
         raise FetchError("offline")
 
-    monkeypatch.setattr(data, "fetch_package", offline)
+    monkeypatch.setattr(data.tasks, "fetch_package", offline)
     start = time.perf_counter()
     task = data.load_task(name)
     assert time.perf_counter() - start < 5
@@ -305,6 +305,28 @@ def test_missing_file_and_unknown_extension(tmp_path):
     odd.write_text("whatever")
     with pytest.raises(ValueError, match=r"\.xlsx"):
         data.load_user_data(odd)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_read_texts_reads_every_format_without_a_label_column(tmp_path, fmt):
+    rows = [{"id": i, "body": f"text {i}"} for i in range(4)]
+    path = write_rows(tmp_path / f"d{SUFFIX[fmt]}", rows, fmt)
+    assert data.read_texts(path, "body") == [r["body"] for r in rows]
+    with pytest.raises(data.DataError, match="no column 'text'"):
+        data.read_texts(path)
+
+
+def test_read_texts_txt_and_what_it_refuses(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\n two \nthree\n", encoding="utf-8")
+    assert data.read_texts(tmp_path / "a.txt") == ["one", " two ", "three"]
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": 7}\n', encoding="utf-8")
+    with pytest.raises(data.DataError, match="line 2.*not a string"):
+        data.read_texts(tmp_path / "b.jsonl")
+    (tmp_path / "c.csv").write_text("text,id\nok,1\nshort\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match="line 3"):
+        data.read_texts(tmp_path / "c.csv")
+    with pytest.raises(ValueError, match=r"unknown file type '\.txt'"):
+        data.load_user_data(tmp_path / "a.txt")  # training needs labels: no .txt
 
 
 # ------------------------------------------------------------------------------------------

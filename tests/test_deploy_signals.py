@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_deployment import tiny
+from helpers import tiny_deployed as tiny
 
 from fedtt.config import to_toml
 from fedtt.federated.deploy import (

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_deployed as tiny
 
-from fedtt.config import load_config
 from fedtt.federated.deploy import (
     LocalDeployment,
     fedtt_run_config,
@@ -61,17 +61,6 @@ def tensor_rows(ledger: list[dict]) -> list[dict]:
 def assert_wire_close(mine: dict, ref: dict) -> None:
     for key in WIRE:
         assert mine[key] == pytest.approx(ref[key], rel=WIRE_TOLERANCE), key
-
-
-def tiny(out_dir: Path, **sets):
-    base = {"model.name": "arch:tiny-llama", "model.max_length": 16, "data.task": "synthetic",
-            "data.partition": "iid", "data.max_train_examples": 96,
-            "data.max_test_examples": 64, "federation.num_clients": 2,
-            "federation.rounds": 2, "training.local_steps": 6, "training.batch_size": 8,
-            "training.lr": 0.01, "training.threads": 1, "output.plots": False,
-            "output.dir": str(out_dir)}
-    base.update(sets)
-    return load_config(None, values=base)
 
 
 def read_run(run_dir: Path):
@@ -118,16 +107,16 @@ def test_deployment_matches_inprocess(tmp_path, flower_env, secure):
     if secure:
         # The app carries a placeholder; the real config arrives as one long TOML string.
         placeholder = tiny(tmp_path / "unused", **{"federation.rounds": 1})
-        app = write_app_dir(tmp_path / "app", fedtt_run_config(placeholder), build_log=builds)
+        app = write_app_dir(tmp_path / "app", fedtt_run_config(placeholder))
         overrides = fedtt_run_config(cfg)
     else:
         # The app says one round; a dotted key overrides it (fedtt reads `section.key`).
         app = write_app_dir(tmp_path / "app",
-                            {**fedtt_run_config(cfg), "federation.rounds": 1},
-                            build_log=builds)
+                            {**fedtt_run_config(cfg), "federation.rounds": 1})
         overrides = {"federation.rounds": 2}
 
-    with LocalDeployment(tmp_path / "deploy", 2, tls=secure, node_auth=secure) as dep:
+    with LocalDeployment(tmp_path / "deploy", 2, tls=secure, node_auth=secure,
+                         build_log=builds) as dep:
         pids = list(dep.pids)
         workers = {p.pid for p in dep.processes if p.name.startswith("clientapp")}
         started = time.monotonic()
@@ -188,7 +177,7 @@ def test_deploy_resumes_a_killed_run_on_fresh_supernodes(tmp_path, flower_env, m
     """`fedtt deploy --resume DIR`: the ServerApp continues from the checkpoint; the new
     SuperNodes hold nothing, get every tensor in their first round, and the run ends where an
     uninterrupted one does."""
-    from test_checkpoint import crash_at
+    from helpers import crash_at
 
     from fedtt.cli import main
 

@@ -3,7 +3,7 @@ accuracy, FedTT+ adaptive in `fedtt plan` (the wire-byte ledger and the aggregat
 tested in test_runtime.py)."""
 
 import pytest
-from test_runtime import read, tiny
+from helpers import read, tiny
 
 from fedtt import privacy
 from fedtt.federated import inprocess
@@ -117,7 +117,7 @@ def test_keep_local_runs_are_scored_by_the_clients(tmp_path):
 
 
 def test_plan_predicts_fedtt_plus_adaptive_exactly_then_as_an_upper_bound(tmp_path):
-    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "method.policy": "adaptive",
+    cfg = tiny(tmp_path, **{"method.name": "fedtt+", "fedtt.policy": "adaptive",
                             "federation.rounds": 6})
     run_inprocess(cfg, quiet=True)
     rounds, ledger, _ = read(cfg.output.dir)
@@ -125,7 +125,7 @@ def test_plan_predicts_fedtt_plus_adaptive_exactly_then_as_an_upper_bound(tmp_pa
     certain = min(len(c) for c in groups.values()) - 2  # rounds before norms decide
     assert certain >= 2
     for r in range(1, 7):
-        predicted = plan(cfg.model.name, ["fedtt+"], cfg.adapter, cfg.method, num_labels=2,
+        predicted = plan(cfg.model.name, ["fedtt+"], cfg.adapter, cfg, num_labels=2,
                          server_round=r)["methods"]["fedtt+"]
         actual = rounds[r]["upload_bytes"] / 3
         if r <= certain:

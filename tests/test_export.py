@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runtime import tiny
+from helpers import tiny
 from transformers import AutoModelForSequenceClassification
 
 from fedtt.cli import main

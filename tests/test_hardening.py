@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import faulty_app, tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_robustness import faulty_app
-from test_runtime import tiny
 
 from fedtt import cli
 from fedtt.cli import main
@@ -21,7 +20,7 @@ from fedtt.data import DataError, load_user_data
 from fedtt.export import export_run
 from fedtt.federated import checkpoint
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.federated.strategy import RoundFailed
+from fedtt.federated.safeguards import RoundFailed
 from fedtt.results import Recorder
 
 
@@ -51,7 +50,7 @@ def stopped(tmp_path_factory):
     """A FedTT+ run stopped in round 2 (too few replies): summary.json says "stopped", the
     checkpoint is of round 1; `fedtt run --resume` may continue it."""
     cfg = tiny(tmp_path_factory.mktemp("stopped"),
-               **{"method.name": "fedtt+", "method.policy": "adaptive",
+               **{"method.name": "fedtt+", "fedtt.policy": "adaptive",
                   "federation.rounds": 3, "federation.min_replies": 3,
                   "federation.round_retries": 0})
     with pytest.raises(RoundFailed):
@@ -278,11 +277,11 @@ BOUNDS = [
     ("data.classes_per_client=0", "data.classes_per_client must be >= 1"),
     ("adapter.bottleneck=10000000", "adapter.bottleneck must be >= 1 and <= 4096"),
     ("adapter.rank=100000", "adapter.rank must be >= 1 and <= 1024"),
-    ("method.lora_rank=100000000", "method.lora_rank must be >= 1 and <= 4096"),
+    ("lora.rank=100000000", "lora.rank must be >= 1 and <= 4096"),
     ("model.max_length=100000000", "model.max_length must be >= 2 and <= 32768"),
     ("privacy.delta=2", "privacy.delta must be > 0 and < 1"),
     ('adapter.targets=["ok$", "(unclosed"]', "adapter.targets[1] is not a valid regex"),
-    ('method.name="fedtt+"\nmethod.policy="sometimes"', "method.policy must be one of"),
+    ('method.name="fedtt+"\nfedtt.policy="sometimes"', "fedtt.policy must be fixed, round-robin"),
     ('method.name="fedtt++"', "method.name must be one of fedtt, fedtt+, lora, ffa-lora"),
 ]
 

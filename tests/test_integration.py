@@ -12,7 +12,7 @@ import torch
 from fedtt.adapters import AdapterConfig, TTAdapter
 from fedtt.config import load_config
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.methods import MethodConfig, make_method
+from fedtt.methods import make_method
 from fedtt.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ def test_real_weights_identity_then_training_step(spec, adapters):
     with torch.no_grad():
         expected = base(**batch).logits
     del base
-    model = make_method(MethodConfig(name="fedtt"), AdapterConfig()).build(
+    model = make_method("fedtt", AdapterConfig()).build(
         load_model(spec, 2, seed=0), seed=0)
     assert sum(isinstance(m, TTAdapter) for m in model.modules()) == adapters
     with torch.no_grad():

@@ -15,7 +15,6 @@ import pytest
 
 from fedtt.adapters import AdapterConfig
 from fedtt.cli import main
-from fedtt.methods import MethodConfig
 from fedtt.plan import plan
 
 LLAMA_THREE_SITES = [r"layers\.\d+\.mlp$", r"layers\.\d+\.self_attn\.o_proj$",
@@ -40,7 +39,7 @@ def test_lora_counts_match_exactly(model, published):
     from fedtt.methods import make_method
     from fedtt.models import load_model
 
-    m = make_method(MethodConfig(name="lora"), AdapterConfig())
+    m = make_method("lora", AdapterConfig())
     built = m.build(load_model(model, 2))
     lora = sum(p.numel() for n, p in built.named_parameters() if "lora_" in n)
     assert lora == published

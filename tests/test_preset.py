@@ -31,7 +31,8 @@ from fedtt.adapters import (
     loretta_modes,
 )
 from fedtt.config import ConfigError, load_config, to_toml
-from fedtt.methods import MethodConfig, core_groups, make_method
+from fedtt.methods import core_groups, make_method
+from fedtt.methods.fedtt import FedTTConfig
 from fedtt.models import load_model, load_tokenizer
 from fedtt.plan import plan
 
@@ -40,7 +41,7 @@ HEAD = re.compile(r"(^|\.)(classifier|score)\.")
 
 
 def build(arch, method="fedtt", num_labels=3, **adapter):
-    m = make_method(MethodConfig(name=method), AdapterConfig(**adapter))
+    m = make_method(method, AdapterConfig(**adapter))
     return m.build(load_model(arch, num_labels, seed=0), seed=0), m
 
 
@@ -326,8 +327,8 @@ def test_loretta_needs_a_known_family():
 
 def test_loretta_cores_survive_exact_aggregation():
     model, _ = build("arch:tiny-llama", preset="loretta")
-    method = make_method(MethodConfig(name="fedtt", aggregation="exact"),
-                         AdapterConfig(preset="loretta"))
+    method = make_method("fedtt", AdapterConfig(preset="loretta"),
+                         FedTTConfig(aggregation="exact"))
     params = dict(model.named_parameters())
     current = {n: params[n].detach().clone() for n in method.sent_names(model)}
     g = torch.Generator().manual_seed(1)

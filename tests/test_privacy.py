@@ -4,10 +4,10 @@ the reported epsilon against Opacus' own accountant, budgets that stop a client,
 import pytest
 import torch
 from flwr.app import Context, RecordDict
+from helpers import read, tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
-from test_runtime import read, tiny
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig
 
@@ -16,9 +16,11 @@ from fedtt.adapters import AdapterConfig
 from fedtt.federated import client_app as capp
 from fedtt.federated.inprocess import run_inprocess
 from fedtt.federated.runtime import Runtime
-from fedtt.methods import MethodConfig, make_method
+from fedtt.methods import METHODS as REGISTRY
+from fedtt.methods import make_method
+from fedtt.methods.lora import LoRAConfig
 
-METHODS = ["fedtt", "fedtt+", "lora", "ffa-lora"]
+METHODS = list(REGISTRY)  # every registered method
 DP = {"privacy.enabled": True, "privacy.noise_multiplier": 0.8, "privacy.max_grad_norm": 0.5}
 
 
@@ -29,8 +31,8 @@ def small_model(arch, hidden, method, rank, bottleneck, seed):
            if arch == "bert" else LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0))
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(cfg)
-    m = make_method(MethodConfig(name=method, lora_rank=rank),
-                    AdapterConfig(rank=rank, bottleneck=bottleneck, init="gaussian"))
+    m = make_method(method, cfg=LoRAConfig(rank=rank) if "lora" in method else None,
+                    adapter=AdapterConfig(rank=rank, bottleneck=bottleneck, init="gaussian"))
     return m.build(model, seed=seed).train()
 
 

@@ -3,15 +3,16 @@ the global adapter at the full rank and aggregates in the rebuilt space."""
 
 import pytest
 import torch
-from test_runtime import read, tiny
+from helpers import read, tiny
 
 from fedtt import tt
 from fedtt.config import ConfigError
 from fedtt.federated.inprocess import run_inprocess
 from fedtt.federated.runtime import Runtime
 from fedtt.methods import core_groups
+from fedtt.methods.fedtt import FedTTConfig
 
-RANKS = {"adapter.rank": 6, "method.aggregation": "exact", "federation.client_ranks": [2, 4, 6]}
+RANKS = {"adapter.rank": 6, "fedtt.aggregation": "exact", "fedtt.client_ranks": [2, 4, 6]}
 
 
 def core_bytes(ledger, client, rnd, direction):
@@ -43,12 +44,13 @@ def test_each_client_uploads_and_downloads_at_its_own_rank(tmp_path):
 
 def test_server_sends_the_tt_svd_rounding_of_the_global_adapter(tmp_path):
     from fedtt.adapters import AdapterConfig
-    from fedtt.federated.strategy import FedTTStrategy, Safeguards
-    from fedtt.methods import MethodConfig, make_method
+    from fedtt.federated.safeguards import Safeguards
+    from fedtt.federated.strategy import FedTTStrategy
+    from fedtt.methods import make_method
 
     cfg = tiny(tmp_path, **RANKS)
     rt = Runtime(cfg)
-    method = make_method(MethodConfig(name="fedtt", aggregation="exact"), AdapterConfig(rank=6))
+    method = make_method("fedtt", AdapterConfig(rank=6), FedTTConfig(aggregation="exact"))
     gen = torch.Generator().manual_seed(0)
     initial = {n: torch.randn(rt.params[n].shape, generator=gen) for n in rt.sent}
     strategy = FedTTStrategy(method, initial, stateful=True, num_clients=3, clients_per_round=3,
@@ -86,7 +88,7 @@ def test_a_low_rank_client_keeps_its_padding_zero_while_training(tmp_path, priva
 def test_a_rank_above_what_small_modes_allow_counts_as_the_full_rank(tmp_path):
     # With tiny dimensions the cores cannot reach adapter.rank: a client asking for more
     # than they have holds the whole adapter, and is aggregated like one.
-    cfg = tiny(tmp_path, **{**RANKS, "adapter.rank": 64, "federation.client_ranks": [40, 64, 3],
+    cfg = tiny(tmp_path, **{**RANKS, "adapter.rank": 64, "fedtt.client_ranks": [40, 64, 3],
                             "federation.rounds": 2})
     rt = Runtime(cfg)
     top = max(rt.params[c].shape[2] for cores in rt.tt_groups.values() for c in cores)
@@ -110,9 +112,9 @@ def test_ranks_under_dp_upload_their_own_rank_and_account_epsilon(tmp_path):
 
 
 @pytest.mark.parametrize("sets, key", [
-    ({"method.aggregation": "factor"}, "method.aggregation"),
-    ({"method.name": "fedtt+", "method.aggregation": "exact"}, "method.name"),
-    ({"federation.client_ranks": [2, 9]}, "federation.client_ranks"),
+    ({"fedtt.aggregation": "factor"}, "fedtt.aggregation"),
+    ({"method.name": "fedtt+", "fedtt.aggregation": "exact"}, "fedtt.aggregation"),
+    ({"fedtt.client_ranks": [2, 9]}, "fedtt.client_ranks"),
 ])
 def test_rank_config_errors_name_the_key(tmp_path, sets, key):
     with pytest.raises(ConfigError, match=key):
@@ -120,12 +122,12 @@ def test_rank_config_errors_name_the_key(tmp_path, sets, key):
 
 
 @pytest.mark.parametrize("node, sets, expected", [
-    ({"partition-id": 1}, {}, 4),  # federation.client_ranks by partition id
+    ({"partition-id": 1}, {}, 4),  # fedtt.client_ranks by partition id
     ({"partition-id": 4}, {}, 4),  # ... cycled
     ({"partition-id": 1, "tt-rank": 2}, {}, 2),  # a SuperNode's node config wins
     ({"partition-id": 0, "tt-rank": 6}, {}, None),  # the full rank needs no rounding
-    ({"partition-id": 0, "tt-rank": 3}, {"federation.client_ranks": []}, 3),
-    ({"partition-id": 0}, {"federation.client_ranks": []}, None),
+    ({"partition-id": 0, "tt-rank": 3}, {"fedtt.client_ranks": []}, 3),
+    ({"partition-id": 0}, {"fedtt.client_ranks": []}, None),
 ])
 def test_a_client_gets_the_rank_it_declares(tmp_path, node, sets, expected):
     from flwr.app import Context, RecordDict

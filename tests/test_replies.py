@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from test_runtime import read, tiny
+from helpers import read, tiny
 
 from fedtt.federated import client_app as default_client
-from fedtt.federated.faults import Harness, poisoning_app
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.federated.strategy import Safeguards, capped_shares
+from fedtt.federated.safeguards import Safeguards, capped_shares
 from fedtt.federated.validate import Rejected, check_evaluate_reply
+from fedtt.testing import Harness, poisoning_app
 
 
 def test_a_poisoned_client_is_bounded_by_default(tmp_path):

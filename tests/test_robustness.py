@@ -4,23 +4,20 @@ data errors are reported before any training, naming the key or row."""
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.clientapp import ClientApp
+from helpers import faulty_app, read, tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from test_runtime import read, tiny
 
 from fedtt.cli import main
-from fedtt.federated import client_app as default_client
-from fedtt.federated.faults import MUTATIONS, Harness
 from fedtt.federated.inprocess import InProcessGrid, run_inprocess
-from fedtt.federated.strategy import RoundFailed, Safeguards
+from fedtt.federated.safeguards import RoundFailed, Safeguards
 from fedtt.federated.validate import Rejected, ReplyRules, check_train_reply
+from fedtt.testing import MUTATIONS, Harness
 
 # --- fuzzing the real aggregation path ----------------------------------------------------
 
@@ -76,29 +73,10 @@ def test_no_pickle_anywhere_in_the_package():
     for path in src.rglob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, path
-        assert "allow_pickle=True" not in text or path.name == "faults.py", path
+        assert "allow_pickle=True" not in text or path.name == "testing.py", path
 
 
 # --- failing, hanging and dropped clients --------------------------------------------------
-
-
-def faulty_app(kind, victim=1, from_round=1, hang=3.0):
-    app = ClientApp()
-
-    @app.train()
-    def train(message, context):
-        hit = (context.node_config["partition-id"] == victim
-               and message.content["config"]["server-round"] >= from_round)
-        if hit and kind == "raise":
-            raise RuntimeError("disk full")
-        if hit and kind == "hang":
-            # An abandoned call that went on to train would share torch's global generator
-            # (dropout) with whatever this process runs next: it gives up instead.
-            time.sleep(hang)
-            raise RuntimeError("woke up after the timeout")
-        return default_client.train(message, context)
-
-    return app
 
 
 def test_a_raising_client_is_recorded_and_the_round_goes_on(tmp_path):

@@ -7,39 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from helpers import read, tiny
 from safetensors.torch import load_file
 
 from fedtt.adapters import AdapterConfig
-from fedtt.config import load_config
 from fedtt.federated import client_app as capp
 from fedtt.federated import wire
 from fedtt.federated.inprocess import InProcessGrid, run_inprocess
 from fedtt.federated.runtime import get_runtime
-from fedtt.methods import MethodConfig, core_groups
+from fedtt.methods import METHODS as REGISTRY
+from fedtt.methods import core_groups
+from fedtt.methods.fedtt import FedTTConfig
 from fedtt.plan import plan
 
-METHODS = ["fedtt", "fedtt+", "lora", "ffa-lora"]
+METHODS = list(REGISTRY)  # every registered method
 ROUND_KEYS = {"round", "method", "accuracy", "loss", "upload_bytes", "download_bytes",
               "cumulative_bytes", "clients", "seconds", "epsilon"}
 LEDGER_KEYS = {"round", "client", "direction", "name", "shape", "dtype", "bytes", "sent"}
 TIMING = {"seconds", "client_train_seconds", "aggregate_seconds", "eval_seconds"}
-
-
-def tiny(tmp_path, name="run", **sets):
-    base = {"model.name": "arch:tiny-llama", "model.max_length": 16, "data.task": "synthetic",
-            "data.partition": "iid", "data.max_train_examples": 96,
-            "data.max_test_examples": 64, "federation.num_clients": 3,
-            "federation.rounds": 3, "training.local_steps": 6, "training.batch_size": 8,
-            "training.lr": 0.01, "output.plots": False, "output.dir": str(tmp_path / name)}
-    base.update(sets)
-    return load_config(None, values=base)
-
-
-def read(run_dir):
-    run_dir = Path(run_dir)
-    rounds = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    ledger = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
-    return rounds, ledger, json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("mode", ["cross-silo", "cross-device"])
@@ -91,7 +76,7 @@ def test_ledger_matches_sent_tensors_wire_and_plan(tmp_path, method, monkeypatch
     seen = spy_on_messages(monkeypatch)
     run_inprocess(cfg, quiet=True)
     rounds, ledger, summary = read(cfg.output.dir)
-    predicted = plan(cfg.model.name, [method], cfg.adapter, cfg.method, num_labels=2)
+    predicted = plan(cfg.model.name, [method], cfg.adapter, cfg, num_labels=2)
     per_client = predicted["methods"][method]
     for r in rounds[1:]:
         up = [x for x in ledger if x["round"] == r["round"] and x["direction"] == "up"]
@@ -198,7 +183,7 @@ def test_exact_aggregation_logs_a_smaller_gap_than_factor():
     update = float((target - tt.tt_to_full(list(current.values())).double()).norm())
     gaps = {}
     for agg in ("factor", "exact"):
-        m = make_method(MethodConfig(name="fedtt", aggregation=agg), AdapterConfig())
+        m = make_method("fedtt", AdapterConfig(), FedTTConfig(aggregation=agg))
         new, metrics = m.aggregate(1, current, replies)
         error = float((tt.tt_to_full([new[n] for n in current]).double() - target).norm())
         assert metrics["aggregation_gap"] == pytest.approx(error / update, rel=1e-6)
@@ -219,7 +204,7 @@ def test_exact_aggregation_is_closer_to_the_matrix_average():
     target = sum(tt.tt_to_full(list(c.values())).double() * w for c, w in replies) / 60.0
     errors = {}
     for agg in ("factor", "exact"):
-        m = make_method(MethodConfig(name="fedtt", aggregation=agg), AdapterConfig())
+        m = make_method("fedtt", AdapterConfig(), FedTTConfig(aggregation=agg))
         new, metrics = m.aggregate(1, current, replies)
         rebuilt = tt.tt_to_full([new[f"l.core_{i}"] for i in range(len(modes))]).double()
         errors[agg] = float((rebuilt - target).norm() / target.norm())

@@ -30,7 +30,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; use {', '.join(METHODS)}")
-    result = plan(args.model or cfg.model.name, methods, cfg.adapter, cfg.method,
+    result = plan(args.model or cfg.model.name, methods, cfg.adapter, cfg,
                   num_labels=args.num_labels, precision=cfg.federation.precision)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
@@ -87,15 +87,12 @@ def _load_run_config(args: argparse.Namespace) -> RunConfig:
 def _claim_run_dir(out: Path, *, overwrite: bool) -> None:
     """Refuse to write a new run into a directory that holds anything, unless `overwrite`."""
     from fedtt.config import ConfigError
-    from fedtt.federated.checkpoint import CHECKPOINT
+    from fedtt.results import CHECKPOINT, clear_finished
 
     if not _directory(out, "output.dir").exists() or not any(out.iterdir()):
         return
     if overwrite:
-        # What a run writes only after its first round or at its end: nothing of the old run
-        # is left to resume or report.
-        for name in (CHECKPOINT, "summary.json", "global.safetensors"):
-            (out / name).unlink(missing_ok=True)
+        clear_finished(out)
         return
     unfinished = (out / CHECKPOINT).exists() and _status(out) != "completed"
     hint = f"continue its run with --resume {out}, " if unfinished else ""
@@ -113,37 +110,38 @@ def _directory(path: Path, what: str) -> Path:
 def _status(run_dir: Path) -> str | None:
     """The status its summary.json records (completed, stopped), None without one."""
     from fedtt.config import ConfigError
+    from fedtt.results import SUMMARY, read_summary
 
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["status"]
+        summary = read_summary(run_dir)
+        return None if summary is None else summary["status"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is damaged ({exc!r}); move it away first") from None
+        raise ConfigError(f"{run_dir / SUMMARY} is damaged ({exc!r}); move it away first") \
+            from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtt.data import format_label_table
     from fedtt.federated.inprocess import run_inprocess
-    from fedtt.results import read_run
+    from fedtt.results import read_labels, read_run
 
     cfg = _run_config(args)
     summary = run_inprocess(cfg, quiet=args.quiet, verbose=args.verbose,
                             resume=bool(args.resume))
     out = Path(cfg.output.dir)
-    labels = json.loads((out / "label_counts.json").read_text())
+    labels = read_labels(out)
     if not args.quiet:
         print("clients' training labels:")
         print(format_label_table(labels["counts"], labels["label_names"]))
         print()
     run = read_run(out)
     lora = ""
-    if summary["method"] != "lora":
-        from fedtt.plan import baseline_wire_bytes
+    from fedtt.plan import BASELINE, baseline_wire_bytes
 
+    if summary["method"] != BASELINE:
         would = baseline_wire_bytes(cfg, run["rounds"], len(labels["label_names"]))
-        lora = f" (LoRA r={cfg.method.lora_rank} would send {would / 1e6:.2f} MB, fedtt plan)"
+        lora = (f" ({cfg.make_method(BASELINE).label} would send {would / 1e6:.2f} MB, "
+                "fedtt plan)")
     print(f"{summary['method']} on {summary['model']} / {summary['task']}, "
           f"{summary['num_clients']} clients, {summary['rounds']} rounds: final accuracy "
           f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), "
@@ -156,44 +154,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from fedtt.federated.deploy import (
-        LocalDeployment,
-        fedtt_run_config,
-        traffic_report,
-        write_app_dir,
-    )
-    from fedtt.results import write_json
+    from fedtt.federated.deploy import run_deployed
 
     cfg = _run_config(args)
-    run_config = fedtt_run_config(cfg)
-    if args.resume:
-        run_config["fedtt-resume"] = True
     secure = not args.insecure
-    with tempfile.TemporaryDirectory(prefix="fedtt-deploy-") as work:
-        with LocalDeployment(work, num_nodes=cfg.federation.num_clients, tls=secure,
-                             node_auth=secure) as deployment:
-            print(f"SuperLink on {deployment.address} "
-                  f"({'TLS + SuperNode authentication' if secure else 'insecure'}), "
-                  f"{cfg.federation.num_clients} SuperNodes; running...", flush=True)
-            app = write_app_dir(Path(work) / "app", run_config)
-            result = deployment.run(app, timeout=args.timeout)
-    out = Path(cfg.output.dir).absolute()
-    summary_path = out / "summary.json"
-    if not summary_path.exists():
+
+    def started(deployment) -> None:
+        print(f"SuperLink on {deployment.address} "
+              f"({'TLS + SuperNode authentication' if secure else 'insecure'}), "
+              f"{cfg.federation.num_clients} SuperNodes; running...", flush=True)
+
+    run = run_deployed(cfg, resume=bool(args.resume), secure=secure, timeout=args.timeout,
+                       on_start=started)
+    result, summary = run.result, run.summary
+    if summary is None:
         print(f"fedtt: error: run {result.run_id} ended {result.status} without a summary; "
               f"its log:\n{result.log[-3000:]}", file=sys.stderr)
         return 1
-    summary = json.loads(summary_path.read_text())
-    summary["flower_traffic"] = traffic_report(out, result)
-    write_json(summary_path, summary)
     traffic = summary["flower_traffic"]
     print(f"run {result.run_id} {result.status}: final accuracy {summary['final_accuracy']:.4f}; "
           f"Flower moved {traffic['flower']['total_bytes'] / 1e6:.2f} MB; the ledger counts "
           f"{traffic['ledger']['total_wire_bytes'] / 1e6:.2f} MB of messages "
-          f"({traffic['ledger']['total_bytes'] / 1e6:.2f} MB of tensors). Results in {out}")
-    return 0 if result.status == "finished:completed" else 3
+          f"({traffic['ledger']['total_bytes'] / 1e6:.2f} MB of tensors). Results in "
+          f"{run.out_dir}")
+    return 0 if run.completed else 3
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -241,27 +225,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def read_texts(path: Path, column: str) -> list[str]:
-    """Texts from a .txt (one per line), .csv, .jsonl or .parquet file (column `column`)."""
-    import pandas as pd
+    """The texts of --file, from its column `column`: the data package's reader
+    (`fedtt.data.read_texts`), so .txt (one per line) or any file a run reads."""
+    from fedtt.data import read_texts as read
 
-    from fedtt.data import DataError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    # Every cell as written: no NA markers, no numbers ("007" stays "007"), no dates.
-    readers = {".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False),
-               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False,
-                                                convert_dates=False),
-               ".parquet": pd.read_parquet}
-    if suffix not in readers:
-        raise DataError(f"{path}: use .txt, .csv, .jsonl or .parquet")
-    frame = readers[suffix](path)
-    if column not in frame.columns:
-        raise DataError(f"{path} has no column {column!r} (columns: {list(frame.columns)})")
-    return [str(t) for t in frame[column]]
+    return read(path, column)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -379,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedtt.data import DataError
     from fedtt.export import ExportError
     from fedtt.federated.checkpoint import CheckpointError
-    from fedtt.federated.strategy import RoundFailed
+    from fedtt.federated.safeguards import RoundFailed
     from fedtt.fetch import FetchError
 
     # The user's mistakes, each reported in one line; anything else is a bug: its traceback

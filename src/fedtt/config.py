@@ -1,7 +1,8 @@
 """Run configuration: TOML sections as dataclasses, `--set section.key=value` overrides.
 
 Every field has a default and help text (`fedtt config` prints them). Unknown sections or keys
-and values of the wrong type are errors that name the key.
+and values of the wrong type are errors that name the key. Besides the fixed sections below,
+each registered method brings its own section (`[fedtt]`, `[lora]`, ...: `Method.section`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from fedtt.adapters import AdapterConfig
 from fedtt.errors import ConfigError
-from fedtt.methods import METHODS, MethodConfig, make_method
+from fedtt.methods import METHODS, Method, MethodConfig, make_method, method_sections
 
 
 @dataclass
@@ -74,11 +75,6 @@ class FederationConfig:
     clients_per_round: int = field(default=0, metadata={
         "help": "cross-device: clients sampled per round (0 = 10% of num_clients).", "min": 0})
     rounds: int = field(default=10, metadata={"help": "Communication rounds.", "min": 1})
-    client_ranks: list[int] = field(default_factory=list, metadata={
-        "help": "fedtt: each client's TT rank by partition id (cycled), e.g. [2, 5, 8]; a "
-                "SuperNode's node config 'tt-rank' overrides. The global adapter keeps "
-                "adapter.rank, aggregates exactly and each client gets its TT-SVD rounding. "
-                "Empty = every client at adapter.rank.", "min": 1})
     precision: str = field(default="float32", metadata={
         "help": "Tensors on the wire, both directions: float32, bfloat16 or float16 (each "
                 "side keeps its master copy in float32).",
@@ -187,6 +183,24 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    methods: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The registered methods' own sections by name (read as `cfg.fedtt`, `cfg.lora`, ...)."""
+
+    def __post_init__(self) -> None:
+        for section, kind in method_sections().items():
+            self.methods.setdefault(section, kind())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["methods"][name]
+        except KeyError:
+            raise AttributeError(f"RunConfig has no section {name!r}") from None
+
+    def make_method(self, name: str | None = None) -> Method:
+        """The method `name` (default: method.name) built from its section and [adapter]."""
+        name = name or self.method.name
+        section = METHODS[name].section if name in METHODS else ""
+        return make_method(name, self.adapter, self.methods.get(section))
 
     def validate(self) -> None:
         """Every field within the bounds its metadata declares (see `check_fields`), then the
@@ -198,27 +212,17 @@ class RunConfig:
             ("federation.min_replies", self.federation.min_replies <= self.clients_per_round(),
              "must be between 1 and the clients per round"),
         ]
-        ranks = self.federation.client_ranks
-        if ranks:
-            checks += [
-                ("federation.client_ranks", all(r <= self.adapter.rank for r in ranks),
-                 f"must lie between 1 and adapter.rank = {self.adapter.rank} (the global "
-                 "adapter's rank)"),
-                ("method.name", self.method.name == "fedtt",
-                 "must be fedtt when federation.client_ranks is set"),
-                ("method.aggregation", self.method.aggregation == "exact",
-                 "must be exact when federation.client_ranks is set (factors of different "
-                 "ranks cannot be averaged)"),
-            ]
         checks += [(key, False, why) for key, why in self.privacy.problems()]
+        if self.method.name in METHODS:
+            try:
+                self.adapter.validate()
+                method = self.make_method()  # the method's own rules (e.g. fedtt+'s policy)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            checks += method.checks(self)
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} {why}, got {_get(self, key)!r}")
-        try:
-            self.adapter.validate()
-            make_method(self.method, self.adapter)  # the method's own rules (e.g. its policy)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
 
     def clients_per_round(self) -> int:
         fed = self.federation
@@ -264,8 +268,18 @@ def _out_of_bounds(value: Any, rules: typing.Mapping[str, Any]) -> str | None:
 
 
 def sections() -> dict[str, type]:
+    """Section name -> dataclass: the fixed sections, then each registered method's own."""
     hints = typing.get_type_hints(RunConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+    fixed = {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if f.name != "methods"}
+    return {**fixed, **method_sections()}
+
+
+def _renamed(section: str, key: str) -> str:
+    """' (moved to ...)' when a method's section replaced `section.key`, else ''."""
+    for cls in METHODS.values():
+        if f"{section}.{key}" in cls.renamed:
+            return f" (it moved to {cls.section}.{cls.renamed[f'{section}.{key}']})"
+    return ""
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
@@ -308,8 +322,8 @@ def apply(cfg: RunConfig, data: dict[str, Any]) -> RunConfig:
         hints = typing.get_type_hints(type(target))
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(f"unknown config key {section}.{key}; known in [{section}]: "
-                                  f"{', '.join(hints)}")
+                raise ConfigError(f"unknown config key {section}.{key}{_renamed(section, key)}; "
+                                  f"known in [{section}]: {', '.join(hints)}")
             setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
     return cfg
 
@@ -346,7 +360,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply(cfg, data)
     for text in overrides or []:
         apply(cfg, parse_override(text))
-    for dotted, value in (values or {}).items():
+    return from_flat(values or {}, cfg)
+
+
+def from_flat(values: typing.Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """`base` (default: the defaults) with `values` ({"section.key": value}, taken as data)
+    applied, validated: the way code and tests build a config without a file."""
+    cfg = base or RunConfig()
+    for dotted, value in values.items():
+        if "." not in dotted:
+            raise ConfigError(f"config key {dotted!r} must look like section.key")
         section, key = dotted.split(".", 1)
         apply(cfg, {section: {key: value}})
     cfg.validate()

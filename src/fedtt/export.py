@@ -22,14 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedtt.adapters import ADAPTER_PREFIX
 from fedtt.config import RunConfig, apply, load_config, to_toml
-from fedtt.methods import make_method
+from fedtt.methods import Method
 from fedtt.models import HashTokenizer, load_model, load_tokenizer
+from fedtt.results import GLOBAL, LABELS, read_global, read_labels
 
 MANIFEST = "fedtt_export.json"
 ADAPTERS = "adapters.safetensors"
-MERGEABLE = ("lora", "ffa-lora")
 FORMATS = ("adapters", "merged")
 # What a manifest must hold, with the type of each entry.
 MANIFEST_KEYS = {"format": str, "model": str, "label_names": list, "max_length": int,
@@ -42,21 +41,21 @@ class ExportError(ValueError):
 
 def _run_model(run_dir: Path) -> tuple[RunConfig, list[str], nn.Module]:
     """The run's model with its final global tensors loaded, its config and label names."""
-    for needed in ("config.toml", "global.safetensors", "label_counts.json"):
+    for needed in ("config.toml", GLOBAL, LABELS):
         if not (run_dir / needed).exists():
             raise FileNotFoundError(f"{run_dir} is not a finished fedtt run (no {needed})")
     cfg = load_config(str(run_dir / "config.toml"), [])
     if cfg.adapter.head == "keep-local":
         raise ExportError("this run kept each client's head on the client (adapter.head = "
                          "keep-local): there is no global model to export")
-    labels = json.loads((run_dir / "label_counts.json").read_text())["label_names"]
+    labels = read_labels(run_dir)["label_names"]
     model = _build(cfg, len(labels))
-    _load(model, load_file(str(run_dir / "global.safetensors")))
+    _load(model, read_global(run_dir))
     return cfg, labels, model
 
 
 def _build(cfg: RunConfig, num_labels: int) -> nn.Module:
-    method = make_method(cfg.method, cfg.adapter)
+    method = cfg.make_method()
     seed = cfg.training.seed
     return method.build(load_model(cfg.model.name, num_labels, seed=seed), seed=seed).eval()
 
@@ -71,30 +70,29 @@ def _load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def _added(model: nn.Module) -> dict[str, torch.Tensor]:
+def _added(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     """Tensors the method added (trained or frozen, e.g. FFA-LoRA's A) or trained."""
     return {n: p.detach().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad or "lora_" in n or f".{ADAPTER_PREFIX}" in n
-            or n.startswith(ADAPTER_PREFIX)}
+            if p.requires_grad or method.owns(n)}
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> Path:
     """Write the run's final model to `out` (see the module docstring); returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
     cfg, labels, model = _run_model(run_dir)
-    if merge and cfg.method.name not in MERGEABLE:
-        raise ExportError(
-            f"{cfg.method.name} cannot be merged: a TT adapter is a bottleneck "
-            "x + up(relu(down(x))) inserted after a block, not a change of a weight "
-            "matrix, so no plain model computes the same function. Export without "
-            "--merge (adapters plus a loader: fedtt predict reads them).")
+    method = cfg.make_method()
+    if merge:
+        try:
+            plain = method.merge(model)
+        except ValueError as exc:
+            raise ExportError(f"{exc}. Export without --merge (adapters plus a loader: "
+                              "fedtt predict reads them).") from None
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "merged" if merge else "adapters", "model": cfg.model.name,
                 "method": cfg.method.name, "seed": cfg.training.seed, "label_names": labels,
                 "max_length": cfg.model.max_length, "run": str(run_dir.resolve()),
                 "config": to_toml(cfg)}
     if merge:
-        plain = model.merge_and_unload()
         plain.config.id2label = dict(enumerate(labels))
         plain.config.label2id = {name: i for i, name in enumerate(labels)}
         plain.save_pretrained(out)
@@ -104,7 +102,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
         else:
             tok.save_pretrained(out)
     else:
-        save_file(_added(model), str(out / ADAPTERS))
+        save_file(_added(model, method), str(out / ADAPTERS))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

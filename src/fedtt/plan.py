@@ -20,8 +20,10 @@ from fedtt.adapters import AdapterConfig
 from fedtt.config import RunConfig
 from fedtt.federated import payload
 from fedtt.federated.wire import PRECISIONS
-from fedtt.methods import Method, MethodConfig, make_method
+from fedtt.methods import Method
 from fedtt.models import load_model
+
+BASELINE = "lora"  # what `upload_ratio_to_lora` and `fedtt run`'s last line compare with
 
 
 def tensor_bytes(model: nn.Module, names: Sequence[str],
@@ -76,18 +78,17 @@ def wire_bytes(model: nn.Module, sent: Sequence[str], upload: Sequence[str],
 
 
 def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None = None,
-         method_cfg: MethodConfig | None = None, *, num_labels: int = 2,
+         run: RunConfig | None = None, *, num_labels: int = 2,
          server_round: int = 2, precision: str = "float32") -> dict:
     """Per-method trainable parameters and per-client bytes each way in `server_round`,
     with tensors on the wire at `precision`: tensor payload, and whole messages as Flower
-    sends them (`*_wire_bytes`)."""
-    adapter = adapter or AdapterConfig()
-    method_cfg = method_cfg or MethodConfig()
+    sends them (`*_wire_bytes`). Each method reads its section from `run` (default: the
+    defaults) and the adapter settings from `adapter` (default: `run`'s)."""
+    run = dataclasses.replace(run or RunConfig(), **({"adapter": adapter} if adapter else {}))
     out: dict = {"model": model_spec, "round": server_round, "precision": precision,
                  "methods": {}}
     for name in methods:
-        cfg = dataclasses.replace(method_cfg, name=name)
-        method = make_method(cfg, adapter)
+        method = run.make_method(name)
         model = method.build(load_model(model_spec, num_labels), seed=0)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         up, down, bound = round_sets(model, method, server_round)
@@ -102,7 +103,7 @@ def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None 
             "upload_wire_bytes": up_wire, "download_wire_bytes": down_wire,
             "upper_bound": bound,
         }
-    lora = out["methods"].get("lora")
+    lora = out["methods"].get(BASELINE)
     for row in out["methods"].values():
         row["upload_ratio_to_lora"] = (row["upload_wire_bytes"] / lora["upload_wire_bytes"]
                                        if lora else None)
@@ -110,11 +111,11 @@ def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None 
 
 
 def baseline_wire_bytes(cfg: RunConfig, rounds: Sequence[dict], num_labels: int,
-                        baseline: str = "lora") -> int:
+                        baseline: str = BASELINE) -> int:
     """What `baseline` would have put on the wire for the same clients and rounds: each
     round's participants times one train message and its reply (`wire_bytes`, round 1 then
     round 2's size, which repeats for methods that train everything each round)."""
-    method = make_method(dataclasses.replace(cfg.method, name=baseline), cfg.adapter)
+    method = cfg.make_method(baseline)
     model = method.build(load_model(cfg.model.name, num_labels), seed=0)
     sent = method.sent_names(model)
     per_round = {}

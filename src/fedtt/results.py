@@ -13,13 +13,98 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-# *_bytes: tensor payload; *_wire_bytes: Flower's bytes for the whole messages (the wire).
-ROUND_KEYS = ("round", "method", "accuracy", "loss", "macro_f1", "upload_bytes",
-              "download_bytes", "cumulative_bytes", "upload_wire_bytes", "download_wire_bytes",
-              "cumulative_wire_bytes", "clients", "seconds", "epsilon")
+if TYPE_CHECKING:
+    import torch
+
+SUMMARY, LABELS, GLOBAL = "summary.json", "label_counts.json", "global.safetensors"
+CHECKPOINT = "checkpoint.safetensors"  # written by `federated/checkpoint.py` via write_tensors
+
+
+@dataclass
+class RoundRecord:
+    """One line of rounds.jsonl: what happened in a round (round 0: the untrained start).
+
+    The strategy fills in the traffic, the clients and what went wrong as the round runs;
+    the ServerApp adds the evaluation, the running totals and the timing. *_bytes: tensor
+    payload; *_wire_bytes: Flower's bytes for the whole messages (the wire). Fields in
+    `OPTIONAL` appear in the line only when set; `method_metrics` (whatever the method's
+    aggregation logs, e.g. FedTT's aggregation_gap) are written as top-level keys."""
+
+    round: int
+    method: str
+    accuracy: float | None = None
+    loss: float | None = None
+    macro_f1: float | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    val_macro_f1: float | None = None
+    upload_bytes: int = 0
+    download_bytes: int = 0
+    cumulative_bytes: int = 0
+    upload_wire_bytes: int = 0
+    download_wire_bytes: int = 0
+    cumulative_wire_bytes: int = 0
+    clients: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    epsilon: float | None = None
+    train_loss: float | None = None
+    clients_out_of_budget: int = 0
+    client_train_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    failed: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    retries: int = 0
+    method_metrics: dict[str, float] = field(default_factory=dict)
+    local_accuracy: float | None = None
+    local_loss: float | None = None
+    local_macro_f1: float | None = None
+    update_norms: dict[str, float] | None = None
+    clipped: list[int] | None = None
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "val_accuracy", "val_loss", "val_macro_f1", "local_accuracy", "local_loss",
+        "local_macro_f1", "update_norms", "clipped")
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """Set fields by name (an unknown name is a bug, not a new key)."""
+        known = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise KeyError(f"RoundRecord has no field {key!r}")
+            setattr(self, key, value)
+
+    def row(self) -> dict[str, Any]:
+        """The record as its JSON line holds it."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "method_metrics":
+                out.update(value)
+            elif value is not None or f.name not in self.OPTIONAL:
+                out[f.name] = value
+        return json.loads(json.dumps(out))  # plain JSON types only (tuples become lists)
+
+
+ROUND_KEYS = tuple(f.name for f in fields(RoundRecord)
+                   if f.name not in RoundRecord.OPTIONAL and f.name != "method_metrics")
+
+
+def ledger_row(server_round: int, direction: str, kind: str, *, dtype: str,
+               client: int | None = None, name: str | None = None,
+               shape: list[int] | None = None, payload_bytes: int = 0, wire_bytes: int = 0,
+               sent: bool = True, **extra: Any) -> dict[str, Any]:
+    """One line of ledger.jsonl: a tensor (`name`, `shape`, its `bytes` of payload, 0 when
+    not sent) or a whole message (`name` None, Flower's `wire_bytes`), in `direction`
+    ("up"/"down") of a `kind` ("train"/"evaluate") message of `server_round` for `client`."""
+    return {"round": server_round, "client": client, "direction": direction, "kind": kind,
+            "name": name, "shape": shape, "dtype": dtype, "bytes": payload_bytes,
+            "wire_bytes": wire_bytes, "sent": sent, **extra}
 
 
 class Recorder:
@@ -50,10 +135,17 @@ class Recorder:
             self._ledger.write(json.dumps(row) + "\n")
         self._ledger.flush()
 
-    def round(self, row: dict) -> None:
-        missing = [k for k in ROUND_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"round row lacks {missing}")
+    def labels(self, label_names: Sequence[str], counts: Sequence[Sequence[int]]) -> None:
+        """label_counts.json: the label names and each client's training label counts."""
+        write_json(self.dir / LABELS, {"label_names": list(label_names),
+                                       "counts": [list(c) for c in counts]})
+
+    def save_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """global.safetensors: the final global values of the travelling tensors."""
+        write_tensors(self.dir / GLOBAL, tensors)
+
+    def round(self, record: RoundRecord) -> None:
+        row = record.row()
         self.rows.append(row)
         self._rounds.write(json.dumps(row, allow_nan=False) + "\n")  # always valid JSON
         self._rounds.flush()
@@ -80,7 +172,7 @@ class Recorder:
             "wall_seconds": time.perf_counter() - self.started,
             **summary, "versions": versions(),
         }
-        write_json(self.dir / "summary.json", summary)
+        write_json(self.dir / SUMMARY, summary)
         if plots:
             plot_runs([self.dir], self.dir / "plots")
         return summary
@@ -126,6 +218,55 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, atomically (a reader sees the old file or the new, whole)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def clear_finished(run_dir: str | Path) -> None:
+    """Remove what a run writes only after its first round or at its end (checkpoint,
+    summary, final tensors), so nothing of an old run is left to resume or report."""
+    for name in (CHECKPOINT, SUMMARY, GLOBAL):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def add_to_summary(run_dir: str | Path, **values: Any) -> dict:
+    """summary.json with `values` added (what a deployment learns after the run)."""
+    path = Path(run_dir) / SUMMARY
+    summary = {**json.loads(path.read_text()), **values}
+    write_json(path, summary)
+    return summary
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    """summary.json, None when the run has none (still running, or killed)."""
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_labels(run_dir: str | Path) -> dict:
+    """label_counts.json: {"label_names": [...], "counts": [[...] per client]}."""
+    return json.loads((Path(run_dir) / LABELS).read_text())
+
+
+def read_ledger(run_dir: str | Path) -> list[dict]:
+    """ledger.jsonl's rows."""
+    text = (Path(run_dir) / "ledger.jsonl").read_text(encoding="utf-8")
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+def read_global(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """global.safetensors: the run's final travelling tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / GLOBAL))
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,13 +22,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from fedtt.config import RunConfig, load_config
-from fedtt.methods import make_method
-from fedtt.results import check_history
+from fedtt.results import CHECKPOINT, check_history, write_tensors
 
-CHECKPOINT = "checkpoint.safetensors"
 REQUIRED = ("round", "version", "held", "node_client", "rng", "method", "client_rank",
             "epsilon", "clients")
 ENGINES = ("in-process", "deployment")
@@ -58,9 +54,7 @@ def save(run_dir: str | Path, server_round: int, strategy: dict,
             "clients": {str(node): list(records) for node, records in clients.items()},
             "engine": engine}
     path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"fedtt": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_tensors(path, tensors, metadata={"fedtt": json.dumps(meta)})
     return path
 
 
@@ -189,7 +183,7 @@ def _method_state(state: Any, cfg: RunConfig) -> dict:
     try:
         if not isinstance(state, dict) or not _finite(state):
             raise TypeError("not a JSON object of finite numbers")
-        make_method(cfg.method, cfg.adapter).load_state(state)
+        cfg.make_method().load_state(state)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"method is no state {cfg.method.name} can load ({exc})") \
             from None

@@ -59,14 +59,13 @@ def _partition(context: Context) -> int:
 
 
 def client_rank(rt: Runtime, context: Context) -> int | None:
-    """This client's TT rank: node config `tt-rank`, else federation.client_ranks by
-    partition id (cycled); None when it trains at the model's own rank."""
+    """This client's TT rank: node config `tt-rank`, else the one the method's config gives
+    its partition (`Method.client_rank`); None when it trains at the model's own rank."""
     if "tt-rank" in context.node_config:
         rank = int(context.node_config["tt-rank"])
-    elif rt.cfg.federation.client_ranks:
-        ranks = rt.cfg.federation.client_ranks
-        rank = ranks[_partition(context) % len(ranks)]
     else:
+        rank = rt.method.client_rank(_partition(context))
+    if rank is None:
         return None
     if not 1 <= rank <= rt.cfg.adapter.rank:
         raise ValueError(f"tt-rank {rank} outside 1..adapter.rank = {rt.cfg.adapter.rank}")

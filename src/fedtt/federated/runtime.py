@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from fedtt import data as fdata
 from fedtt import privacy, tt
 from fedtt.config import ConfigError, RunConfig, apply
-from fedtt.methods import core_groups, largest_core_rank, make_method
+from fedtt.methods import core_groups, largest_core_rank
 from fedtt.models import load_model, load_tokenizer
 from fedtt.train import Encoded, encode, evaluate, train_local
 
@@ -42,19 +41,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def load_task_data(cfg: RunConfig) -> fdata.TaskData:
-    d, seed = cfg.data, cfg.training.seed
-    if d.task == "synthetic":
-        return fdata.synthetic_task(n_train=max(d.max_train_examples, 64),
-                                    n_test=max(d.max_test_examples, 32), seed=seed)
-    if any(t["name"] == d.task for t in fdata.list_tasks()):
-        return fdata.load_task(d.task, test_fraction=d.test_fraction, seed=seed)
-    if not Path(d.task).exists():
-        names = ", ".join(t["name"] for t in fdata.list_tasks())
-        raise FileNotFoundError(f"data.task {d.task!r} is neither a built-in task ({names}, "
-                                "synthetic) nor an existing file or directory")
-    return fdata.load_user_data(d.task, text_column=d.text_column, label_column=d.label_column,
-                                test_path=d.test_path or None, test_fraction=d.test_fraction,
-                                seed=seed)
+    """The run's task, as its `[data]` section names it (`fedtt.data.load`)."""
+    return fdata.load(cfg.data, seed=cfg.training.seed)
 
 
 def sample_rows(ds, limit: int, seed: int):
@@ -67,7 +55,12 @@ def sample_rows(ds, limit: int, seed: int):
 class Runtime:
     """Model, data and method for one run configuration, in this process."""
 
+    BUILD_LOG_ENV = "FEDTT_BUILD_LOG"  # instrumentation: see `_log_build`
+
     def __init__(self, cfg: RunConfig) -> None:
+        import time
+
+        started = time.time()
         self.cfg = cfg
         seed = cfg.training.seed
         if cfg.training.threads:
@@ -96,7 +89,7 @@ class Runtime:
         self.val_data: Encoded | None = None if val is None else encode(
             self.tokenizer, val["text"], val["label"], cfg.model.max_length)
 
-        self.method = make_method(cfg.method, cfg.adapter)
+        self.method = cfg.make_method()
         base = load_model(cfg.model.name, self.num_labels, seed=seed)
         positions = getattr(base.config, "max_position_embeddings", None)
         if positions is not None and cfg.model.max_length > positions:
@@ -124,6 +117,21 @@ class Runtime:
         # evaluation) holds this lock and loads a complete state first, so a client abandoned
         # after a timeout can never interleave with another.
         self.lock = threading.RLock()
+        self._log_build(started)
+
+    @classmethod
+    def _log_build(cls, started: float) -> None:
+        """Instrumentation: with the environment variable `FEDTT_BUILD_LOG` naming a file,
+        append one JSON line per model build, `{"pid", "start", "seconds"}`, so tests and
+        benchmarks can count builds per process (`fedtt.federated.deploy.read_build_log`)."""
+        import json
+        import os
+        import time
+
+        if path := os.environ.get(cls.BUILD_LOG_ENV):
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(json.dumps({"pid": os.getpid(), "start": started,
+                                      "seconds": time.time() - started}) + "\n")
 
     # --- state swapping -------------------------------------------------------------------
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -138,7 +146,7 @@ class Runtime:
                     param.zero_()
                     param[tuple(slice(0, d) for d in value.shape)].copy_(value)
 
-    # --- per-client TT ranks (federation.client_ranks) ------------------------------------
+    # --- per-client TT ranks (fedtt.client_ranks) -----------------------------------------
     def fit_rank(self, rank: int) -> None:
         """Round every TT layer that exceeds `rank` to it (TT-SVD), kept zero-padded."""
         full, masks = self.cfg.adapter.rank, self._rank_masks(rank)

@@ -7,7 +7,6 @@ Deployment Engine; everything it needs comes from the run config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Iterable
@@ -15,14 +14,14 @@ from typing import Protocol
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedtt import config as fconfig
 from fedtt.federated import checkpoint
 from fedtt.federated.runtime import get_runtime
-from fedtt.federated.strategy import FedTTStrategy, RoundFailed, Safeguards
-from fedtt.results import Recorder, write_json
+from fedtt.federated.safeguards import RoundFailed, Safeguards
+from fedtt.federated.strategy import FedTTStrategy
+from fedtt.results import Recorder, RoundRecord
 
 app = ServerApp()
 
@@ -86,8 +85,7 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
                     disable=not context.run_config.get("fedtt-progress", False), file=sys.stderr)
     recorder = Recorder(cfg.output.dir, fconfig.to_toml(cfg),
                         resume_round=resumed["round"] if resumed else None)
-    write_json(recorder.dir / "label_counts.json",
-               {"label_names": rt.label_names, "counts": rt.label_counts})
+    recorder.labels(rt.label_names, rt.label_counts)
     initial = {n: rt.initial[n] for n in rt.sent}
     strategy = FedTTStrategy(
         rt.method, initial, stateful=cfg.federation.mode == "cross-silo",
@@ -122,39 +120,24 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
         due = (server_round % cfg.federation.eval_every == 0
                or server_round == cfg.federation.rounds)
         metrics: dict = dict.fromkeys(("accuracy", "loss", "macro_f1"))
-        stats = strategy.stats.get(server_round, {})
+        record = strategy.stats.get(server_round) or RoundRecord(server_round, rt.method.name)
         if due and scored_by_clients and server_round > 0:
-            metrics = {k: stats.get(f"local_{k}") for k in metrics}
+            metrics = {k: getattr(record, f"local_{k}") for k in metrics}
         elif due:
             with rt.lock:
                 rt.load({**rt.initial, **strategy.global_state})  # the float32 master
                 metrics = rt.evaluate_global()
-        eval_seconds = time.perf_counter() - eval_start
-        up, down = stats.get("upload_bytes", 0), stats.get("download_bytes", 0)
-        up_wire, down_wire = stats.get("upload_wire_bytes", 0), stats.get("download_wire_bytes", 0)
-        state["cumulative"] += up + down
-        state["cumulative_wire"] += up_wire + down_wire
+        record.update(metrics)  # accuracy, loss, macro_f1 (and val_* with a validation split)
+        record.eval_seconds = time.perf_counter() - eval_start
+        state["cumulative"] += record.upload_bytes + record.download_bytes
+        state["cumulative_wire"] += record.upload_wire_bytes + record.download_wire_bytes
+        record.cumulative_bytes = state["cumulative"]
+        record.cumulative_wire_bytes = state["cumulative_wire"]
         now = time.perf_counter()
-        row = {"round": server_round, "method": rt.method.name, **metrics,
-               "upload_bytes": up, "download_bytes": down,
-               "cumulative_bytes": state["cumulative"],
-               "upload_wire_bytes": up_wire, "download_wire_bytes": down_wire,
-               "cumulative_wire_bytes": state["cumulative_wire"],
-               "clients": stats.get("clients", []),
-               "seconds": now - state["last"],
-               "epsilon": max(strategy.epsilon.values()) if strategy.epsilon else None,
-               "train_loss": stats.get("train_loss"),
-               "clients_out_of_budget": strategy.out_of_budget(),
-               "client_train_seconds": stats.get("client_train_seconds", 0.0),
-               "aggregate_seconds": stats.get("aggregate_seconds", 0.0),
-               "eval_seconds": eval_seconds,
-               "failed": stats.get("failed", []), "rejected": stats.get("rejected", []),
-               "retries": stats.get("retries", 0)}
-        for key in ("aggregation_gap", "local_accuracy", "local_loss", "local_macro_f1",
-                    "update_norms", "clipped"):
-            if key in stats:
-                row[key] = stats[key]
-        recorder.round(json.loads(json.dumps(row)))
+        record.seconds = now - state["last"]
+        record.epsilon = max(strategy.epsilon.values()) if strategy.epsilon else None
+        record.clients_out_of_budget = strategy.out_of_budget()
+        recorder.round(record)
         state["last"] = now
         if server_round > 0:
             progress.update(1)
@@ -176,14 +159,13 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
     finally:
         recorder.close()
         progress.close()
-    save_file({n: t.contiguous() for n, t in strategy.global_state.items()},
-              str(recorder.dir / "global.safetensors"))
+    recorder.save_global(strategy.global_state)
     trainable = sum(rt.params[n].numel() for n in rt.trainable)
     failed_round = None
     if stopped:
-        stats = strategy.stats[stopped.server_round]
-        failed_round = {"round": stopped.server_round, "failed": stats["failed"],
-                        "rejected": stats["rejected"], "retries": stats.get("retries", 0)}
+        record = strategy.stats[stopped.server_round]
+        failed_round = {"round": stopped.server_round, "failed": record.failed,
+                        "rejected": record.rejected, "retries": record.retries}
     summary = recorder.finish({
         "status": "stopped" if stopped else "completed",
         "stop_reason": str(stopped) if stopped else None, "stopped_round": failed_round,

@@ -50,6 +50,7 @@ from flwr.supercore import log
 
 from fedtt import tt
 from fedtt.federated import payload, wire
+from fedtt.federated.safeguards import RoundFailed, Safeguards, capped_shares
 from fedtt.federated.validate import (
     Rejected,
     ReplyRules,
@@ -59,6 +60,7 @@ from fedtt.federated.validate import (
     update_norm,
 )
 from fedtt.methods import Method, core_groups, largest_core_rank
+from fedtt.results import RoundRecord, ledger_row
 
 LedgerSink = Callable[[list[dict]], None]
 NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE  # Flower's reply for a node that is gone
@@ -90,7 +92,7 @@ class FedTTStrategy(FedAvg):
         self.groups = core_groups(self.sent)
         self.core_layer = {c: layer for layer, cores in self.groups.items() for c in cores}
         self.full_rank = largest_core_rank(self.global_state)
-        self.accepts_ranks = method.name == "fedtt" and method.cfg.aggregation == "exact"
+        self.accepts_ranks = method.accepts_client_ranks
         self.client_rank: dict[int, int] = {}
         self.epsilon: dict[int, float] = {}  # client -> epsilon it last reported (local DP)
         self._rounded: dict[int, dict[str, torch.Tensor]] = {}
@@ -113,7 +115,7 @@ class FedTTStrategy(FedAvg):
         self._waited = False
         self.accepted_nodes: set[int] = set()  # nodes whose reply this round was accepted
         self.pending: dict[int, list[dict]] = {}
-        self.stats: dict[int, dict] = {}
+        self.stats: dict[int, RoundRecord] = {}  # by round
 
     # --- helpers ---------------------------------------------------------------------------
     def _record(self, names: Sequence[str], rank: int | None = None) -> ArrayRecord:
@@ -146,7 +148,8 @@ class FedTTStrategy(FedAvg):
         if value is None:
             return None
         if not self.accepts_ranks:
-            raise Rejected("per-client TT ranks need method fedtt with aggregation 'exact'")
+            raise Rejected(f"{self.method.name} does not accept per-client TT ranks (fedtt "
+                           "with fedtt.aggregation = 'exact' does)")
         if isinstance(value, bool) or value not in range(1, self.full_rank + 1):
             raise Rejected(f"tt-rank {value!r} is not an integer in [1, {self.full_rank}]")
         return int(value) if value < self.full_rank else None
@@ -177,8 +180,7 @@ class FedTTStrategy(FedAvg):
         self.pending.setdefault(node, []).extend(rows)
         if self.stateful:
             self._will_hold[node] = server_round - 1 if kind == "train" else server_round
-        stats = self.stats.setdefault(server_round, _empty_stats())
-        stats["download_bytes"] += sum(r["bytes"] for r in rows)
+        self._stats(server_round).download_bytes += sum(r["bytes"] for r in rows)
         return self._record(names, rank), payload.mask_of(self.sent, chosen), rank
 
     def _message(self, node: int, server_round: int, kind: str, content: RecordDict
@@ -189,25 +191,29 @@ class FedTTStrategy(FedAvg):
         size = payload.message_bytes(msg)
         self.pending.setdefault(node, []).append(
             self._message_row(server_round, "down", kind.split(".")[-1], size))
-        self.stats.setdefault(server_round, _empty_stats())["download_wire_bytes"] += size
+        self._stats(server_round).download_wire_bytes += size
         return msg
+
+    def _stats(self, server_round: int) -> RoundRecord:
+        """The round's record, begun by the first message of the round."""
+        if server_round not in self.stats:
+            self.stats[server_round] = RoundRecord(round=server_round, method=self.method.name)
+        return self.stats[server_round]
 
     def _message_row(self, server_round: int, direction: str, kind: str, size: int,
                      client: int | None = None, **extra: object) -> dict:
         """A ledger row for one whole message: Flower's bytes for it (`wire_bytes`)."""
-        return {"round": server_round, "client": client, "direction": direction, "kind": kind,
-                "name": None, "shape": None, "dtype": self.precision, "bytes": 0,
-                "wire_bytes": size,
-                "sent": True, **extra}
+        return ledger_row(server_round, direction, kind, dtype=self.precision, client=client,
+                          wire_bytes=size, **extra)
 
     def _row(self, server_round: int, direction: str, kind: str, name: str, sent: bool,
              client: int | None = None, tensor: torch.Tensor | None = None) -> dict:
         """A ledger row: the tensor's bytes at the wire precision, 0 if not sent."""
         tensor = self.global_state[name] if tensor is None else tensor
-        return {"round": server_round, "client": client, "direction": direction, "kind": kind,
-                "name": name, "shape": list(tensor.shape), "dtype": self.precision,
-                "bytes": tensor.numel() * wire.itemsize(self.precision) if sent else 0,
-                "wire_bytes": 0, "sent": sent}
+        return ledger_row(server_round, direction, kind, dtype=self.precision, client=client,
+                          name=name, shape=list(tensor.shape), sent=sent,
+                          payload_bytes=(tensor.numel() * wire.itemsize(self.precision)
+                                         if sent else 0))
 
     def _delivered(self, node: int) -> None:
         """A valid reply proves the node got its payload: it now holds that version."""
@@ -275,7 +281,8 @@ class FedTTStrategy(FedAvg):
         nodes = self._nodes(grid)
         if len(nodes) < self.clients_per_round:
             log(WARNING, "only %d of %d clients available", len(nodes), self.clients_per_round)
-        self.stats[server_round] = _empty_stats()
+        self.stats.pop(server_round, None)
+        self._stats(server_round)
         self.outbox, self.accepted_nodes, self.unavailable = {}, set(), set()
         if self.max_participations is not None:  # a target epsilon: only clients with budget
             nodes = [n for n in nodes
@@ -309,7 +316,6 @@ class FedTTStrategy(FedAvg):
         if not self.sampled and self.max_participations is not None:
             log(WARNING, "round %d: every client has spent its privacy budget; the global "
                 "model stays as it is", server_round)
-            stats["retries"] = 0
             return self.global_record(), MetricRecord({})
         needed = self.guard.min_replies
         if self.max_participations is not None:  # fewer clients have budget left
@@ -327,12 +333,12 @@ class FedTTStrategy(FedAvg):
                 [self._train_message(n, server_round) for n in again],
                 timeout=self.guard.timeout)
             accepted += self._screen(server_round, list(more), again)
-        stats["retries"] = retries
-        stats["client_train_seconds"] = sum(a.metrics.get("train_seconds", 0.0)
+        stats.retries = retries
+        stats.client_train_seconds = sum(a.metrics.get("train_seconds", 0.0)
                                             for a in accepted)
         if len(accepted) < needed:
             problems = "; ".join(f"client {f.get('client')}: {f['reason'].splitlines()[0]}"
-                                 for f in stats["failed"] + stats["rejected"])
+                                 for f in stats.failed + stats.rejected)
             raise RoundFailed(server_round,
                 f"round {server_round}: {len(accepted)} valid replies from "
                 f"{len(self.sampled)} clients, fewer than federation.min_replies = "
@@ -349,16 +355,16 @@ class FedTTStrategy(FedAvg):
             self.version[name] = server_round
         self._packed.clear()
         self._rounded.clear()
-        stats["aggregate_seconds"] = time.perf_counter() - agg_start
+        stats.aggregate_seconds = time.perf_counter() - agg_start
         losses = [(a.metrics["train_loss"], a.examples) for a in accepted
                   if "train_loss" in a.metrics]  # (DP clients do not report it)
         if losses:
-            stats["train_loss"] = (sum(v * n for v, n in losses)
-                                   / sum(n for _, n in losses))
-        stats.update(method_metrics)
+            stats.train_loss = (sum(v * n for v, n in losses)
+                                / sum(n for _, n in losses))
+        stats.method_metrics.update(method_metrics)
         reply = dict(method_metrics)
         if losses:
-            reply["train_loss"] = stats["train_loss"]
+            reply["train_loss"] = stats.train_loss
         return self.global_record(), MetricRecord(reply)
 
     def _bound_updates(self, server_round: int, accepted: list[Accepted]) -> None:
@@ -370,14 +376,14 @@ class FedTTStrategy(FedAvg):
         if self.guard.update_norm_multiple > 0 and len(accepted) >= 3:
             bound = min(bound, self.guard.update_norm_multiple * statistics.median(norms))
         stats = self.stats[server_round]
-        stats["update_norms"] = {str(a.client): n for a, n in zip(accepted, norms, strict=True)}
+        stats.update_norms = {str(a.client): n for a, n in zip(accepted, norms, strict=True)}
         clipped = []
         for a, norm in zip(accepted, norms, strict=True):
             if norm > bound:
                 a.tensors, _ = clip_update(a.tensors, a.base, bound)
                 clipped.append(a.client)
         if clipped:
-            stats["clipped"] = clipped
+            stats.clipped = clipped
             log(WARNING, "round %d: clipped the updates of clients %s to norm %.4g",
                 server_round, clipped, bound)
 
@@ -396,7 +402,7 @@ class FedTTStrategy(FedAvg):
         accepted, answered = [], set()
         for msg in replies:
             size = payload.message_bytes(msg)
-            stats["upload_wire_bytes"] += size
+            stats.upload_wire_bytes += size
             node, unsolicited = self._addressee(msg)
             if unsolicited:
                 self._reject(server_round, node, unsolicited, size)
@@ -428,9 +434,9 @@ class FedTTStrategy(FedAvg):
             self.ledger([self._row(server_round, "up", "train", n, n in tensors, client,
                                    tensor=tensors.get(n)) for n in self.sent]
                         + [self._message_row(server_round, "up", "train", size, client)])
-            stats["upload_bytes"] += sum(t.numel() for t in tensors.values()) * wire.itemsize(
+            stats.upload_bytes += sum(t.numel() for t in tensors.values()) * wire.itemsize(
                 self.precision)
-            stats["clients"].append(client)
+            stats.clients.append(client)
             accepted.append(Accepted(node, client, tensors, examples, metrics, rules.expected))
         for node in asked:
             if node not in answered:
@@ -473,7 +479,7 @@ class FedTTStrategy(FedAvg):
         client = self.node_client.get(node)
         log(WARNING, "round %d: rejected reply from node %d (client %s): %s", server_round,
             node, client, reason)
-        self.stats[server_round]["rejected"].append(
+        self.stats[server_round].rejected.append(
             {"client": client, "node": node, "reason": reason})
         self._flush(node, client)
         self.ledger([self._message_row(server_round, "up", "train", size, client,
@@ -483,7 +489,7 @@ class FedTTStrategy(FedAvg):
         client = self.node_client.get(node)
         log(WARNING, "round %d: node %d (client %s) failed: %s", server_round, node, client,
             reason.splitlines()[0])
-        self.stats[server_round]["failed"].append({"client": client, "node": node,
+        self.stats[server_round].failed.append({"client": client, "node": node,
                                                    "reason": reason})
         self._flush(node, client)
 
@@ -508,7 +514,7 @@ class FedTTStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             size = payload.message_bytes(msg)
-            stats["upload_wire_bytes"] += size
+            stats.upload_wire_bytes += size
             client = self.node_client.get(node)
             self._flush(node, client)
             self.ledger([self._message_row(server_round, "up", "evaluate", size, client)])
@@ -517,7 +523,7 @@ class FedTTStrategy(FedAvg):
             try:
                 w, local = check_evaluate_reply(msg.content, self.guard.max_eval_examples)
             except Rejected as exc:  # an untrusted reply: no usable metrics
-                stats["rejected"].append({"client": client, "node": node, "kind": "evaluate",
+                stats.rejected.append({"client": client, "node": node, "kind": "evaluate",
                                           "reason": str(exc)})
                 continue
             self._delivered(node)
@@ -527,24 +533,8 @@ class FedTTStrategy(FedAvg):
         if total == 0:
             return None
         result = {k: v / total for k, v in sums.items()}
-        stats.update(result)
+        stats.update(result)  # local_accuracy, ... (EVALUATE_METRICS)
         return MetricRecord(result)
-
-
-@dataclass(frozen=True)
-class Safeguards:
-    """How the server treats untrusted and unreliable clients (see `validate.py`)."""
-
-    min_replies: int = 1
-    round_retries: int = 1
-    timeout: float = 600.0
-    max_update_norm: float = 0.0
-    update_norm_multiple: float = 2.0
-    max_abs_value: float = 1e4
-    max_examples: int = 10**9
-    max_eval_examples: int = 10**9
-    client_examples: Mapping[int, int] | None = None  # exact rows per client, when known
-    max_weight_share: float = 1.0
 
 
 @dataclass
@@ -555,37 +545,3 @@ class Accepted:
     examples: float
     metrics: dict[str, float]
     base: Mapping[str, torch.Tensor]  # the tensors the client was sent (its update's origin)
-
-
-def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
-    """`weights` with no share above `cap` (at least 1/n): the largest are lowered to a
-    common level t, found by bisection, so that t / sum(min(w, t)) = cap."""
-    total = float(sum(weights))
-    cap = max(cap, 1.0 / len(weights))
-    if total <= 0 or max(weights) <= cap * total:
-        return list(weights)
-    low, high = 0.0, float(max(weights))
-    for _ in range(60):
-        mid = (low + high) / 2
-        if mid <= cap * sum(min(w, mid) for w in weights):
-            low = mid
-        else:
-            high = mid
-    return [min(w, low) for w in weights]
-
-
-class RoundFailed(RuntimeError):
-    """Too few valid replies in a round, even after retries; the run stops."""
-
-    def __init__(self, server_round: int, message: str) -> None:
-        super().__init__(message)
-        self.server_round = server_round
-
-
-def _empty_stats() -> dict:
-    return {"upload_bytes": 0, "download_bytes": 0, "upload_wire_bytes": 0,
-            "download_wire_bytes": 0, "clients": [],
-            "failed": [], "rejected": [], "started": time.perf_counter()}
-
-
-

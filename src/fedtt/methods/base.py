@@ -1,8 +1,12 @@
 """The interface every federated fine-tuning method implements, and example-weighted FedAvg.
 
-A method says three things: what it makes trainable in a model (`build`), which tensors a
-client trains and uploads in a given round (`round_names`), and how the server combines the
-clients' tensors (`aggregate`). The runtime does everything else the same way for all methods.
+A method is a folder under `methods/` (its config section, its model-building, its round
+hooks) plus one line in the registry (`methods/__init__.py`). It says what it makes trainable
+in a model (`build`), which tensors it owns (`owns`), which tensors a client trains and
+uploads in a given round (`round_names`), how the server combines the clients' tensors
+(`aggregate`), whether it can be merged into the backbone (`merge`), and, optionally, what
+per-client ranks it accepts. The runtime, strategy, export and config ask these hooks and
+never test a method's name; docs/extending.md walks through adding one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,35 +26,66 @@ HEAD_PARAM = re.compile(r"(^|\.)(" + "|".join(HEAD_NAMES) + r")\.")
 
 @dataclass
 class MethodConfig:
-    """Which method runs, and its method-specific knobs."""
+    """Which method runs; its own settings live in the method's section (see `Method`)."""
 
     name: str = field(default="fedtt", metadata={
-        "help": "fedtt, fedtt+, lora or ffa-lora."})
-    aggregation: str = field(default="factor", metadata={
-        "help": "fedtt: 'factor' averages each TT core; 'exact' averages the rebuilt matrices "
-                "and rounds back to rank r by TT-SVD.", "choices": ("factor", "exact")})
-    policy: str = field(default="round-robin", metadata={
-        "help": "fedtt+: which intermediate core trains with the first and last each round: "
-                "fixed, round-robin or adaptive."})
-    lora_rank: int = field(default=8, metadata={
-        "help": "lora/ffa-lora: rank r.", "min": 1, "max": 4096})
-    lora_alpha: int = field(default=16, metadata={
-        "help": "lora/ffa-lora: scaling alpha.", "min": 1})
-    lora_targets: list[str] = field(default_factory=list, metadata={
-        "help": "lora/ffa-lora: module names to adapt; empty = query,value (BERT) or "
-                "q_proj,v_proj (LLaMA)."})
+        "help": "fedtt, fedtt+, lora or ffa-lora (any registered method, see "
+                "docs/extending.md)."})
 
 
 Replies = Sequence[tuple[Mapping[str, torch.Tensor], float]]
 
 
 class Method:
-    """Base class; subclasses override `build` and, where they differ, the round hooks."""
+    """Base class; subclasses override `build` and, where they differ, the other hooks.
+
+    Class attributes: `name` (what `method.name` selects), `section` and `Config` (the TOML
+    section this method reads and its dataclass, fields with defaults and help as in
+    `fedtt.config`; methods may share one), `prefixes` (substrings that mark the tensors
+    the method adds to a model), `renamed` (old dotted config keys -> the key in `section`
+    that replaced them, so the error can say so)."""
 
     name: str = ""
+    section: str = ""
+    Config: type | None = None
+    prefixes: tuple[str, ...] = ()
+    renamed: Mapping[str, str] = {}
 
-    def __init__(self, cfg: MethodConfig, adapter: AdapterConfig) -> None:
-        self.cfg, self.adapter = cfg, adapter
+    def __init__(self, cfg: Any = None, adapter: AdapterConfig | None = None) -> None:
+        """`cfg`: this method's section (default: its defaults); `adapter`: the TT adapter
+        and head settings (`[adapter]`)."""
+        if cfg is None and self.Config is not None:
+            cfg = self.Config()
+        self.cfg, self.adapter = cfg, adapter or AdapterConfig()
+
+    @property
+    def label(self) -> str:
+        """How reports name this method with its main setting, e.g. "LoRA r=8"."""
+        return self.name
+
+    def checks(self, run: Any) -> list[tuple[str, bool, str]]:
+        """(dotted key, holds?, what it must be) rules tying this method's section to the
+        rest of the run config (`run`, a `RunConfig`); `RunConfig.validate` raises on the
+        first that fails. Rules of the method alone may raise ValueError in `__init__`."""
+        return []
+
+    def owns(self, name: str) -> bool:
+        """Whether tensor `name` is one this method added to the model (trained or not)."""
+        return any(p in name for p in self.prefixes)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The model with the method's tensors folded into the backbone's weights; a
+        ValueError saying why when the method cannot be merged."""
+        raise ValueError(f"{self.name} cannot be merged into the backbone")
+
+    @property
+    def accepts_client_ranks(self) -> bool:
+        """Whether clients may train at their own (lower) ranks and declare them."""
+        return False
+
+    def client_rank(self, partition_id: int) -> int | None:
+        """The rank the config gives the client of `partition_id` (None: the model's)."""
+        return None
 
     def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
         """Add this method's trainable tensors to `model`, freeze the rest, return the model."""

@@ -1,52 +1,73 @@
 """FedTT (TT adapters, every trainable tensor travels) and FedTT+ (most TT cores frozen per round).
 
-FedTT+'s freezing is a server-side policy: each round it picks, for every TT layer, the cores
-that train (first, last, and one intermediate core), which the round's message names (a bit
-mask over the travelling tensors); the other cores stay frozen on every client and never
-travel.
+FedTT+'s freezing is a server-side policy (`freeze.py`): each round it picks, for every TT
+layer, the cores that train (first, last, and one intermediate core), which the round's
+message names (a bit mask over the travelling tensors); the other cores stay frozen on every
+client and never travel.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedtt import tt
-from fedtt.adapters import inject_adapters
+from fedtt.adapters import ADAPTER_PREFIX, inject_adapters
 from fedtt.methods.base import Method, Replies, fedavg
-
-CORE = re.compile(r"^(?P<layer>.+)\.core_(?P<index>\d+)$")
-
-
-def core_groups(names: Sequence[str]) -> dict[str, list[str]]:
-    """TT layer name -> its core tensor names in core order."""
-    groups: dict[str, dict[int, str]] = {}
-    for name in names:
-        m = CORE.match(name)
-        if m:
-            groups.setdefault(m["layer"], {})[int(m["index"])] = name
-    return {layer: [idx[i] for i in sorted(idx)] for layer, idx in groups.items()}
-
-
-def largest_core_rank(tensors: Mapping[str, torch.Tensor]) -> int:
-    """The largest TT rank the given cores really have (0 if there are none): small modes can
-    cap a layer's ranks below adapter.rank."""
-    return max((tensors[c].shape[2] for cores in core_groups(list(tensors)).values()
-                for c in cores), default=0)
+from fedtt.methods.fedtt.config import FedTTConfig
+from fedtt.methods.fedtt.cores import core_groups
+from fedtt.methods.fedtt.freeze import FreezePolicy
 
 
 class FedTT(Method):
     """TT adapters (plus norms and head, as configured); FedAvg of every travelling tensor."""
 
     name = "fedtt"
+    section = "fedtt"
+    Config = FedTTConfig
+    renamed = {"method.aggregation": "aggregation", "method.policy": "policy",
+               "federation.client_ranks": "client_ranks"}
+
+    @property
+    def label(self) -> str:
+        return f"FedTT rank {self.adapter.rank}"
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(ADAPTER_PREFIX) or f".{ADAPTER_PREFIX}" in name
+
+    def checks(self, run: Any) -> list[tuple[str, bool, str]]:
+        ranks = self.cfg.client_ranks
+        if not ranks:
+            return []
+        return [
+            ("fedtt.client_ranks", all(r <= self.adapter.rank for r in ranks),
+             f"must lie between 1 and adapter.rank = {self.adapter.rank} (the global "
+             "adapter's rank)"),
+            ("fedtt.aggregation", self.cfg.aggregation == "exact",
+             "must be exact when fedtt.client_ranks is set (factors of different ranks "
+             "cannot be averaged)"),
+        ]
+
+    @property
+    def accepts_client_ranks(self) -> bool:
+        return self.cfg.aggregation == "exact"
+
+    def client_rank(self, partition_id: int) -> int | None:
+        ranks = self.cfg.client_ranks
+        return ranks[partition_id % len(ranks)] if ranks else None
 
     def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
         inject_adapters(model, self.adapter, seed=seed)
         return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        raise ValueError(f"{self.name} cannot be merged: a TT adapter is a bottleneck "
+                         "x + up(relu(down(x))) inserted after a block, not a change of a "
+                         "weight matrix, so no plain model computes the same function")
 
     def aggregate(self, server_round: int, current: Mapping[str, torch.Tensor],
                   replies: Replies) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -62,7 +83,7 @@ class FedTT(Method):
         mixed = any(t.shape != current[n].shape for state, _ in replies
                     for n, t in state.items() if n in cores_of)
         if mixed and self.cfg.aggregation != "exact":
-            raise ValueError("replies of different TT ranks need method.aggregation = 'exact'")
+            raise ValueError("replies of different TT ranks need fedtt.aggregation = 'exact'")
         new = fedavg([({n: t for n, t in state.items() if not (mixed and n in cores_of)}, w)
                       for state, w in replies])
         error, update = 0.0, 0.0
@@ -96,92 +117,26 @@ def _average_full(current: Mapping[str, torch.Tensor], replies: Replies,
     return acc
 
 
-class FreezePolicy:
-    """Chooses each round which cores of each TT layer train; the rest stay frozen.
-
-    `fixed`: first, middle and last core every round. `round-robin`: first and last, plus an
-    intermediate core that rotates with the round. `adaptive`: first and last, plus the
-    intermediate core with the largest (relative update norm when it last trained) x (rounds
-    since it last trained); cores never trained yet come first.
-    """
-
-    NAMES = ("fixed", "round-robin", "adaptive")
-
-    def __init__(self, name: str) -> None:
-        if name not in self.NAMES:
-            raise ValueError(f"method.policy must be one of {self.NAMES}, got {name!r}")
-        self.name = name
-        self.last_trained: dict[str, int] = {}
-        self.rel_update: dict[str, float] = {}
-
-    def choose(self, server_round: int, groups: Mapping[str, list[str]]) -> list[str]:
-        chosen = []
-        for cores in groups.values():
-            d = len(cores)
-            if d <= 3:
-                chosen += cores
-                continue
-            if self.name == "fixed":
-                mid = d // 2
-            elif self.name == "round-robin":
-                mid = 1 + (server_round - 1) % (d - 2)
-            else:
-                mid = max(range(1, d - 1), key=lambda i: (self._score(cores[i], server_round), -i))
-            chosen += [cores[0], cores[mid], cores[-1]]
-        return chosen
-
-    def planned(self, server_round: int, groups: Mapping[str, list[str]],
-                numel: Mapping[str, int]) -> tuple[list[str], bool]:
-        """`choose` as far as it is known before training, and whether it is a bound.
-
-        `adaptive` trains every intermediate core once first (round r: the r-th), which is
-        certain; after that its choice follows the update norms, and the layer's largest
-        intermediate core stands in for it (an upper bound on the bytes)."""
-        if self.name != "adaptive":
-            return self.choose(server_round, groups), False
-        chosen, bound = [], False
-        for cores in groups.values():
-            if len(cores) <= 3:
-                chosen += cores
-            elif server_round <= len(cores) - 2:
-                chosen += [cores[0], cores[server_round], cores[-1]]
-            else:
-                chosen += [cores[0], max(cores[1:-1], key=lambda c: numel[c]), cores[-1]]
-                bound = True
-        return chosen, bound
-
-    def _score(self, core: str, server_round: int) -> float:
-        if core not in self.last_trained:
-            return math.inf
-        return self.rel_update[core] * (server_round - self.last_trained[core])
-
-    def observe(self, server_round: int, old: Mapping[str, torch.Tensor],
-                new: Mapping[str, torch.Tensor]) -> None:
-        for name, value in new.items():
-            if CORE.match(name):
-                base = float(old[name].norm())
-                self.rel_update[name] = float((value - old[name]).norm()) / (base + 1e-12)
-                self.last_trained[name] = server_round
-
-    def state(self) -> dict:
-        return {"last_trained": dict(self.last_trained), "rel_update": dict(self.rel_update)}
-
-    def load_state(self, state: Mapping) -> None:
-        self.last_trained = dict(state["last_trained"])
-        self.rel_update = dict(state["rel_update"])
-
-
 class FedTTPlus(FedTT):
     """FedTT with most cores frozen each round by a server-side `FreezePolicy`."""
 
     name = "fedtt+"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.cfg.aggregation != "factor":
-            raise ValueError("fedtt+ needs method.aggregation = 'factor': exact aggregation "
+            raise ValueError("fedtt+ needs fedtt.aggregation = 'factor': exact aggregation "
                              "rewrites every core, frozen ones included")
         self.policy = FreezePolicy(self.cfg.policy)
+
+    @property
+    def label(self) -> str:
+        return f"FedTT+ rank {self.adapter.rank}"
+
+    def checks(self, run: Any) -> list[tuple[str, bool, str]]:
+        return [("fedtt.client_ranks", not self.cfg.client_ranks,
+                 "is for fedtt (exact aggregation); fedtt+ trains every client at "
+                 "adapter.rank, so leave it empty")]
 
     def round_names(self, server_round: int, sent: Sequence[str]) -> list[str]:
         groups = core_groups(sent)

@@ -13,6 +13,7 @@ from torch import nn
 
 from fedtt.errors import ConfigError
 from fedtt.methods.base import HEAD_PARAM, Method
+from fedtt.methods.lora.config import LoRAConfig
 
 BERT_LORA_TARGETS = ["query", "value"]
 LLAMA_LORA_TARGETS = ["q_proj", "v_proj"]
@@ -24,19 +25,28 @@ def default_lora_targets(model: nn.Module) -> list[str]:
         if set(targets) <= leaves:
             return list(targets)
     raise ConfigError("cannot find query/value projections (query,value or q_proj,v_proj) in "
-                     "this model; set method.lora_targets")
+                     "this model; set lora.targets")
 
 
 class LoRA(Method):
     name = "lora"
+    section = "lora"
+    Config = LoRAConfig
+    prefixes = ("lora_",)
+    renamed = {"method.lora_rank": "rank", "method.lora_alpha": "alpha",
+               "method.lora_targets": "targets"}
+
+    @property
+    def label(self) -> str:
+        return f"LoRA r={self.cfg.rank}"
 
     def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
         if self.adapter.head == "tensorize":
             raise ConfigError("adapter.head = 'tensorize' is for TT methods; "
                              "use train-and-send or keep-local with LoRA")
-        targets = self.cfg.lora_targets or default_lora_targets(model)
+        targets = self.cfg.targets or default_lora_targets(model)
         torch.manual_seed(seed)  # peft draws A from the global generator
-        config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
+        config = LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha,
                             target_modules=targets, lora_dropout=0.0, bias="none")
         model = get_peft_model(model, config)
         for name, p in model.named_parameters():
@@ -44,9 +54,17 @@ class LoRA(Method):
                 p.requires_grad_(True)
         return model
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        """B A folded into each adapted weight (peft's merge_and_unload)."""
+        return model.merge_and_unload()
+
 
 class FFALoRA(LoRA):
     name = "ffa-lora"
+
+    @property
+    def label(self) -> str:
+        return f"FFA-LoRA r={self.cfg.rank}"
 
     def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
         model = super().build(model, seed=seed)

@@ -1,10 +1,12 @@
-"""Fault injection: ways to spoil a valid client reply, for fuzzing the server's validation.
+"""Test support, not product: fault injection for the tests and `benchmarks/robustness.py`.
+
+Nothing in fedtt imports this module; it ships in the package only so that tests and benchmarks
+can import it. It holds ways to spoil a valid client reply, for fuzzing the server's validation.
 
 Each mutation takes a valid train reply's content and a `random.Random` and returns a
 malformed `RecordDict` that a correct server must reject. `Harness` is a real FedTT strategy
 on a tiny model with three nodes and round 1 configured, to send replies through.
-`poisoning_app` is a ClientApp one of whose clients replies with well-formed poison. The tests
-and `benchmarks/robustness.py` use them.
+`poisoning_app` is a ClientApp one of whose clients replies with well-formed poison.
 """
 
 from __future__ import annotations
@@ -178,10 +180,10 @@ MUTATIONS: dict[str, Mutation] = {f.__name__.replace("_", "-"): f for f in (
 @functools.cache
 def _initial_tensors() -> dict[str, torch.Tensor]:
     from fedtt.adapters import AdapterConfig
-    from fedtt.methods import MethodConfig, make_method
+    from fedtt.methods import make_method
     from fedtt.models import load_model
 
-    method = make_method(MethodConfig(name="fedtt"), AdapterConfig(init="gaussian"))
+    method = make_method("fedtt", AdapterConfig(init="gaussian"))
     model = method.build(load_model("arch:tiny-bert", 2), seed=0)
     sent = method.sent_names(model)
     return {n: p.detach().clone() for n, p in model.named_parameters() if n in sent}
@@ -193,11 +195,12 @@ class Harness:
     def __init__(self) -> None:
         from fedtt.adapters import AdapterConfig
         from fedtt.federated.inprocess import InProcessGrid, act_as_server
-        from fedtt.federated.strategy import FedTTStrategy, Safeguards
-        from fedtt.methods import MethodConfig, make_method
+        from fedtt.federated.safeguards import Safeguards
+        from fedtt.federated.strategy import FedTTStrategy
+        from fedtt.methods import make_method
 
         act_as_server()
-        method = make_method(MethodConfig(name="fedtt"), AdapterConfig(init="gaussian"))
+        method = make_method("fedtt", AdapterConfig(init="gaussian"))
         self.rows: list[dict] = []
         self.strategy = FedTTStrategy(
             method, _initial_tensors(), stateful=True, num_clients=3, clients_per_round=3,
