@@ -243,6 +243,18 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                          0.0, "FedTT+ at or above FedTT, LoRA and FFA-LoRA, paired by seed "
                          "(last line: the control with norms frozen).", img,
                          f"c3-a{alpha}")
+    controls = {label: f"c3-heterogeneity/bbc-news-{key}-a0.1" for label, key in (
+        ("FedTT", "fedtt"), ("FedTT cores + head", "fedtt-cores-only"), ("FedTT+", "fedttplus"),
+        ("FedTT+ frozen norms", "fedttplus-frozen-norms"), ("LoRA r=8", "lora"),
+        ("LoRA r=8 + norms", "lora-norms"), ("LoRA r=2", "lora-r2"))}
+    c3 += comparison(results, "C3 controls, BBC news, Dirichlet α=0.1, 5 clients", controls,
+                     [("FedTT cores + head", "FedTT"), ("LoRA r=8 + norms", "LoRA r=8"),
+                      ("FedTT", "LoRA r=2"), ("FedTT+ frozen norms", "LoRA r=2")], 0.0,
+                     "none; these cells separate what the methods train from how they "
+                     "train it: the TT methods with only cores and head (no adapter biases, "
+                     "no norms), LoRA with the norms the TT methods train, and LoRA at about "
+                     "FedTT's bytes. Rates are the parent method's (α=1.0), not reselected.",
+                     img, "c3-controls")
     c4 = []
     for eps in ("6", "3", "1"):
         cells = {f"{label} ε={eps}": f"c4-privacy/movie-reviews-{key}-eps{eps}"

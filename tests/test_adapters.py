@@ -16,6 +16,7 @@ from fedtt.adapters import (
 )
 from fedtt.methods import METHODS as REGISTRY
 from fedtt.methods import make_method
+from fedtt.methods.lora import LoRAConfig
 from fedtt.models import load_model, load_tokenizer
 
 ARCHS = ["arch:tiny-bert", "arch:tiny-roberta", "arch:tiny-llama"]
@@ -128,6 +129,17 @@ def test_head_policies(head, sent_head, head_is_tt):
 def test_norms_flag():
     model, _ = build("arch:tiny-bert", "fedtt", train_norms=False)
     assert not any(p.requires_grad for n, p in model.named_parameters() if NORM.search(n))
+
+
+@pytest.mark.parametrize("arch", ["arch:tiny-bert", "arch:tiny-llama"])
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_lora_trains_norms_only_when_asked(arch, train_norms):
+    model = make_method("lora", cfg=LoRAConfig(train_norms=train_norms)).build(
+        load_model(arch, 3, seed=0), seed=0)
+    norms = [n for n, p in model.named_parameters() if NORM.search(n) and "lora_" not in n]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert norms and all((n in trained) == train_norms for n in norms)
+    assert any("lora_B" in n for n in trained)
 
 
 def test_lora_rejects_tensorized_head():

@@ -13,3 +13,6 @@ class LoRAConfig:
     alpha: int = field(default=16, metadata={"help": "Scaling alpha.", "min": 1})
     targets: list[str] = field(default_factory=list, metadata={
         "help": "Module names to adapt; empty = query,value (BERT) or q_proj,v_proj (LLaMA)."})
+    train_norms: bool = field(default=False, metadata={
+        "help": "Also train (and send) the backbone's LayerNorm/RMSNorm weights, as the TT "
+                "methods do with adapter.train_norms (a control with the same trained set)."})

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from fedtt.adapters import is_norm
 from fedtt.errors import ConfigError
 from fedtt.methods.base import HEAD_PARAM, Method
 from fedtt.methods.lora.config import LoRAConfig
@@ -52,6 +53,10 @@ class LoRA(Method):
         for name, p in model.named_parameters():
             if HEAD_PARAM.search(name):
                 p.requires_grad_(True)
+        if self.cfg.train_norms:
+            for module in model.modules():
+                if is_norm(module):
+                    module.requires_grad_(True)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
