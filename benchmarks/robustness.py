@@ -63,7 +63,7 @@ def fuzz(seeds: int) -> dict[str, dict]:
             except Exception:
                 crashed += 1
                 continue
-            rejected += len(h.strategy.stats[1]["rejected"]) == 1
+            rejected += len(h.strategy.stats[1].rejected) == 1
             intact += all(torch.equal(h.strategy.global_state[n], v) for n, v in expected.items())
         rows[name] = {"tried": tried, "rejected": rejected, "global_intact": intact,
                       "crashed": crashed}
@@ -166,9 +166,9 @@ def out_of_place() -> list[dict]:
         h = Harness()
         h.strategy.guard = Safeguards(max_examples=1000, client_examples={0: 10, 1: 11, 2: 12})
         h.strategy.aggregate_train(1, [h.reply(0, h.valid(0, 0)), make(h)])
-        out.append({"case": label, "rejected": len(h.strategy.stats[1]["rejected"]),
-                    "reason": (h.strategy.stats[1]["rejected"] or [{"reason": ""}])[0]["reason"],
-                    "accepted_clients": sorted(h.strategy.stats[1]["clients"])})
+        out.append({"case": label, "rejected": len(h.strategy.stats[1].rejected),
+                    "reason": (h.strategy.stats[1].rejected or [{"reason": ""}])[0]["reason"],
+                    "accepted_clients": sorted(h.strategy.stats[1].clients)})
     # a round-1 reply replayed in round 2, and a node not asked in round 2
     h = Harness()
     first = [h.reply(i, h.valid(i, i)) for i in range(3)]
@@ -180,10 +180,10 @@ def out_of_place() -> list[dict]:
     fresh = [Message(h.valid(m.metadata.dst_node_id - 2, 7), reply_to=m) for m in msgs]
     (outsider,) = {2, 3, 4} - set(asked)
     h.strategy.aggregate_train(2, [first[asked[0] - 2], first[outsider - 2], *fresh])
-    for reply in h.strategy.stats[2]["rejected"]:
+    for reply in h.strategy.stats[2].rejected:
         out.append({"case": "round 2: " + reply["reason"], "rejected": 1,
                     "reason": reply["reason"],
-                    "accepted_clients": sorted(h.strategy.stats[2]["clients"])})
+                    "accepted_clients": sorted(h.strategy.stats[2].clients)})
     for row in out:
         print(f"{row['case']}: rejected {row['rejected']}", flush=True)
     return out
@@ -267,7 +267,24 @@ def write_markdown(fz: dict, sc: list[dict], seeds: int, poison: list[dict],
               "bound needs an honest majority of at least three replies to hold).",
               "- On a Deployment Engine, claim up to `federation.max_weight_share` of the "
               "FedAvg weight with a made-up example count (in-process the counts are "
-              "checked against the partitions; under local DP counts are not used).", ""]
+              "checked against the partitions; under local DP counts are not used).",
+              "", "### Under secure aggregation", "",
+              "With `federation.secure_aggregation` the server sees only the sum, so it "
+              "cannot reject, clip or weigh-cap one reply. A malicious client can still:",
+              "",
+              "- Send any masked values: inside its modulus they unmask to any update, so "
+              "it can shift the aggregate by up to `secagg_clip` per value (times its "
+              "weight share) without the checks of the aggregate (weights in (0, "
+              "survivors], mean update inside the clip range and `max_update_norm`, result "
+              "within `max_abs_value`) noticing. An aggregate that fails them is refused "
+              "and the round keeps the global, so one client can also stall training.",
+              "- Claim any weight up to 1 (the whole training set's rows), which "
+              "`max_weight_share` cannot cap (it must be 1).",
+              "- Break the protocol (bad keys or shares, or drop out at the unmasking): "
+              "the round survives while the threshold of clients remains, else the run "
+              "stops as below `min_replies`.",
+              "- It cannot learn another client's update unless t clients collude, or "
+              "make the server unmask one.", ""]
     return "\n".join(lines)
 
 

@@ -158,6 +158,31 @@ def test_deployment_matches_inprocess(tmp_path, flower_env, secure):
           f"overhead x{report['overhead_ratio']:.2f}")
 
 
+def test_secure_aggregation_on_the_deployment_engine_with_tls(tmp_path, flower_env):
+    """Secure aggregation over TLS with SuperNode authentication: the four stages run as
+    Flower messages between real processes, and the run equals the in-process one (the
+    unmasked sum is exact integer arithmetic, whatever the random masks and node ids)."""
+    sets = {"federation.secure_aggregation": True}
+    ref_rounds, _, ref_summary = inprocess_reference(tiny(tmp_path / "inprocess", **sets))
+    out = tmp_path / "deployed"
+    placeholder = tiny(tmp_path / "unused", **{"federation.rounds": 1})
+    app = write_app_dir(tmp_path / "app", fedtt_run_config(placeholder))
+    with LocalDeployment(tmp_path / "deploy", 2, tls=True, node_auth=True) as dep:
+        result = dep.run(app, run_config=fedtt_run_config(tiny(out, **sets)), timeout=240)
+        assert result.status == "finished:completed", result.log[-3000:]
+        assert "https://" in (dep.logs / "superlink.log").read_text()
+    rounds, ledger, summary = read_run(out)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for mine, ref in zip(rounds, ref_rounds, strict=True):
+        assert {k: mine.get(k) for k in EXACT} == {k: ref.get(k) for k in EXACT}
+        for key in WIRE:  # the protocol's messages name node ids: 20 digits here, 1 there
+            assert mine[key] == pytest.approx(ref[key], rel=0.03), key
+    for r in rounds[1:]:
+        assert r["secagg"]["dropped"] == [] and r["secagg"]["threshold"] == 2
+    assert {"secagg-keys", "secagg-shares", "secagg-unmask"} <= {r["kind"] for r in ledger}
+    assert summary["final_accuracy"] == ref_summary["final_accuracy"]
+
+
 def test_repository_is_a_flower_app(tmp_path):
     """`flwr run .` from the repository packs it as a Flower app (FAB) under Flower's 10 MB."""
     import subprocess

@@ -53,7 +53,7 @@ def test_example_counts_are_bounded_per_client_and_capped():
     inflated["metrics"]["num-examples"] = 1000  # the whole training set
     server.strategy.aggregate_train(1, [server.reply(0, server.valid(0, 0)),
                                         server.reply(2, inflated)])
-    (rejected,) = server.strategy.stats[1]["rejected"]
+    (rejected,) = server.strategy.stats[1].rejected
     assert "more than client 2's 12 rows" in rejected["reason"]
     # On a deployment (no known sizes) the weight cap bounds what a claim can buy.
     weights = []
@@ -74,7 +74,7 @@ def test_replies_are_tied_to_the_round_and_the_sample():
     first = [server.reply(i, server.valid(i, i)) for i in range(3)]
     duplicate = server.reply(0, server.valid(0, 5))
     server.strategy.aggregate_train(1, first + [duplicate])
-    reasons = [r["reason"] for r in server.strategy.stats[1]["rejected"]]
+    reasons = [r["reason"] for r in server.strategy.stats[1].rejected]
     assert reasons == ["second reply from a node this round"]
     # Round 2: a round-1 reply replayed, and a reply from a node the round did not ask.
     from flwr.app import ArrayRecord, ConfigRecord
@@ -92,10 +92,10 @@ def test_replies_are_tied_to_the_round_and_the_sample():
     strange = Message(server.valid(node_of[outsider], 8),
                       reply_to=server.messages[node_of[outsider]])
     strategy.aggregate_train(2, [stale, strange] + fresh)
-    reasons = sorted(r["reason"] for r in strategy.stats[2]["rejected"])
+    reasons = sorted(r["reason"] for r in strategy.stats[2].rejected)
     assert reasons == ["reply from a node that was not asked this round",
                        "reply to a message this round did not send it (replayed or stale)"]
-    assert sorted(strategy.stats[2]["clients"]) == sorted(node_of[n] for n in asked)
+    assert sorted(strategy.stats[2].clients) == sorted(node_of[n] for n in asked)
 
 
 def test_two_nodes_cannot_claim_one_partition():
@@ -104,7 +104,7 @@ def test_two_nodes_cannot_claim_one_partition():
     impostor["metrics"]["partition-id"] = 0
     server.strategy.aggregate_train(1, [server.reply(0, server.valid(0, 0)),
                                         server.reply(1, impostor)])
-    (rejected,) = server.strategy.stats[1]["rejected"]
+    (rejected,) = server.strategy.stats[1].rejected
     assert "partition-id 0 already belongs to node 2" in rejected["reason"]
 
 
@@ -117,7 +117,7 @@ def test_train_metrics_are_range_checked(key, value):
     bad["metrics"][key] = value
     server.strategy.aggregate_train(1, [server.reply(0, server.valid(0, 0)),
                                         server.reply(1, bad)])
-    (rejected,) = server.strategy.stats[1]["rejected"]
+    (rejected,) = server.strategy.stats[1].rejected
     assert key in rejected["reason"]
 
 

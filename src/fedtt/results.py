@@ -66,10 +66,11 @@ class RoundRecord:
     local_macro_f1: float | None = None
     update_norms: dict[str, float] | None = None
     clipped: list[int] | None = None
+    secagg: dict[str, Any] | None = None
 
     OPTIONAL: ClassVar[tuple[str, ...]] = (
         "val_accuracy", "val_loss", "val_macro_f1", "local_accuracy", "local_loss",
-        "local_macro_f1", "update_norms", "clipped")
+        "local_macro_f1", "update_norms", "clipped", "secagg")
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields by name (an unknown name is a bug, not a new key)."""

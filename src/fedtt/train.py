@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedtt.devices import CPU, Compute
+
 
 @dataclass
 class Encoded:
@@ -61,31 +63,50 @@ def batch_order(n: int, steps: int, batch_size: int, generator: torch.Generator)
 
 def train_local(model: nn.Module, data: Encoded, rows: Sequence[int],
                 params: Iterable[nn.Parameter], *, steps: int, batch_size: int, lr: float,
-                weight_decay: float, generator: torch.Generator) -> float:
-    """Run `steps` AdamW steps (fresh optimizer) on `rows` of `data`; mean training loss."""
+                weight_decay: float, generator: torch.Generator, accum_steps: int = 1,
+                compute: Compute = CPU) -> float:
+    """Run `steps` AdamW steps (fresh optimizer) on `rows` of `data`; mean training loss.
+
+    Each step sums the gradients of `accum_steps` micro-batches of `batch_size` (each loss
+    divided by `accum_steps`): the update of one batch of accum_steps x batch_size rows.
+    `compute` says where the model is and in what dtype its backbone runs (autocast, and a
+    loss scaler for float16); the default, CPU float32, uses neither."""
     params = list(params)
     if not rows:
         raise ValueError("cannot train on an empty partition")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = compute.scaler()
     rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+    orders = batch_order(len(rows_t), steps * accum_steps, batch_size, generator)
     model.train()
     total = 0.0
-    for order in batch_order(len(rows_t), steps, batch_size, generator):
-        picked = rows_t[order]
-        logits = model(**data.batch(picked)).logits
-        loss = F.cross_entropy(logits.float(), data.labels[picked])
+    for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
+        for order in orders[step * accum_steps:(step + 1) * accum_steps]:
+            picked = rows_t[order]
+            with compute.autocast():
+                logits = model(**compute.to(data.batch(picked))).logits
+            labels = data.labels[picked]
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+            if accum_steps > 1:
+                loss = loss / accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += float(loss.detach())
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     model.eval()
     return total / steps
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, rows: Sequence[int] | None = None, *,
-             batch_size: int = 128, num_labels: int | None = None) -> dict[str, float]:
-    """Accuracy, mean cross-entropy loss and macro-F1 on `rows` (default: all)."""
+             batch_size: int = 128, num_labels: int | None = None,
+             compute: Compute = CPU) -> dict[str, float]:
+    """Accuracy, mean cross-entropy loss and macro-F1 on `rows` (default: all), with the
+    model on `compute`'s device (autocast for a half backbone)."""
     model.eval()
     rows_t = torch.arange(len(data)) if rows is None else torch.as_tensor(list(rows))
     if len(rows_t) == 0:
@@ -93,7 +114,9 @@ def evaluate(model: nn.Module, data: Encoded, rows: Sequence[int] | None = None,
     preds, loss_sum = [], 0.0
     for start in range(0, len(rows_t), batch_size):
         picked = rows_t[start:start + batch_size]
-        logits = model(**data.batch(picked)).logits.float()
+        with compute.autocast():
+            logits = model(**compute.to(data.batch(picked))).logits
+        logits = logits.float().cpu()
         loss_sum += float(F.cross_entropy(logits, data.labels[picked], reduction="sum"))
         preds.append(logits.argmax(-1))
     pred = torch.cat(preds)

@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtt import privacy
-from fedtt.federated import payload, wire
-from fedtt.federated.runtime import Runtime, get_runtime
+from fedtt.federated import payload, secagg, wire
+from fedtt.federated.runtime import INPROCESS_KEY, Runtime, get_runtime
 
 STATE_GLOBAL = "fedtt.global"  # global tensors as last received (stateful clients)
 STATE_LOCAL = "fedtt.local"  # tensors that never leave the client (keep-local head)
@@ -54,6 +54,16 @@ def _restore(rt: Runtime, message: Message, context: Context) -> None:
         context.state[STATE_GLOBAL] = store
 
 
+def _runtime(context: Context) -> Runtime:
+    """This process's Runtime. A SuperNode runs on its own device: node config `device`
+    (auto, cpu, cuda, cuda:N; default auto). In-process clients share the server's backbone,
+    on training.device."""
+    device = context.node_config.get("device")
+    if device is None and not context.run_config.get(INPROCESS_KEY):
+        device = "auto"
+    return get_runtime(context.run_config, None if device is None else str(device))
+
+
 def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
@@ -77,16 +87,21 @@ def client_rank(rt: Runtime, context: Context) -> int | None:
 def train(message: Message, context: Context) -> Message:
     """Train the tensors the config's "train" mask names; reply with them packed. Under local
     DP a reply holds only the noised tensors and public values (`privacy.py`)."""
-    rt = get_runtime(context.run_config)
+    rt = _runtime(context)
     config = message.content["config"]
     names = payload.select(rt.sent, config["train"])
     pid = _partition(context)
     rank = client_rank(rt, context)
     dp = _privacy_check(rt, context, pid) if rt.cfg.privacy.enabled else {}
+    masked = secagg.RECORD in message.content
+    if rt.cfg.federation.secure_aggregation and not masked:
+        raise secagg.ProtocolError("secure aggregation is on: this client sends no update "
+                                   "unmasked")
     with rt.lock:
         _restore(rt, message, context)
         if rank:
             rt.fit_rank(rank)
+        base = rt.snapshot(names) if masked else None
         start = time.perf_counter()
         loss, examples = rt.train_client(pid, int(config["server-round"]), names, rank)
         if dp:
@@ -97,15 +112,50 @@ def train(message: Message, context: Context) -> Message:
         trained = rt.snapshot(names)
         if rank:
             trained = rt.at_rank(trained, rank)
-        arrays = payload.pack([trained[n] for n in names], rt.cfg.federation.precision)
+        if masked:  # the weighted update (and count, loss) travel masked: secagg.py
+            arrays = _masked(rt, message, context, trained, base, names, examples, loss, dp)
+        else:
+            arrays = payload.pack([trained[n] for n in names], rt.cfg.federation.precision)
     metrics: dict = {"partition-id": pid}
     if not dp:  # the row count, raw loss and timing of private rows would leave un-noised
-        metrics.update({"num-examples": examples, "train_loss": loss, "train_seconds": seconds})
+        metrics.update({"train_seconds": seconds} if masked else
+                       {"num-examples": examples, "train_loss": loss, "train_seconds": seconds})
     if rank:
         metrics["tt-rank"] = rank
     metrics.update(dp)
     reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=message)
+
+
+def _masked(rt: Runtime, message: Message, context: Context, trained: dict, base: dict,
+            names: list[str], examples: int, loss: float, dp: dict) -> ArrayRecord:
+    """The reply's array under secure aggregation: the update (trained minus received),
+    weighted by the example count over the public `weight-scale` (1 under local DP), masked."""
+    delta = torch.cat([(trained[n].double() - base[n].double()).reshape(-1) for n in names])
+    record = message.content[secagg.RECORD]
+    weight = 1.0 if dp else min(1.0, examples / float(record["weight-scale"]))
+    return secagg.client_mask(context, record, secagg.settings_of(rt.cfg.federation),
+                              delta.numpy(), weight, None if dp else loss)
+
+
+@app.query("secagg_keys")
+def secagg_keys(message: Message, context: Context) -> Message:
+    """Secure aggregation, stage 1: this round's public keys (`secagg.py`)."""
+    return secagg.client_keys(message, context)
+
+
+@app.query("secagg_shares")
+def secagg_shares(message: Message, context: Context) -> Message:
+    """Secure aggregation, stage 2: encrypted shares of this round's mask secrets."""
+    return secagg.client_shares(message, context,
+                                secagg.settings_of(_runtime(context).cfg.federation))
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(message: Message, context: Context) -> Message:
+    """Secure aggregation, stage 4: shares that remove the masks of the round's sum."""
+    return secagg.client_unmask(message, context,
+                                secagg.settings_of(_runtime(context).cfg.federation))
 
 
 def _privacy_check(rt: Runtime, context: Context, pid: int) -> dict:
@@ -130,7 +180,7 @@ def _privacy_check(rt: Runtime, context: Context, pid: int) -> dict:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    rt = get_runtime(context.run_config)
+    rt = _runtime(context)
     pid = _partition(context)
     rank = client_rank(rt, context)
     with rt.lock:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fedtt.config import RunConfig, to_toml
 from fedtt.federated import server_app, wire
 from fedtt.federated.client_app import app as default_client_app
-from fedtt.federated.runtime import CONFIG_KEY
+from fedtt.federated.runtime import CONFIG_KEY, INPROCESS_KEY
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 RUN_ID = 1
@@ -148,7 +148,8 @@ def run_inprocess(cfg: RunConfig, *, quiet: bool = False, verbose: bool = False,
     checkpoint is in `cfg.output.dir`); returns the run summary."""
     act_as_server()
     show = not quiet and sys.stderr.isatty()
-    run_config = {CONFIG_KEY: to_toml(cfg), "fedtt-progress": show, "fedtt-resume": resume}
+    run_config = {CONFIG_KEY: to_toml(cfg), "fedtt-progress": show, "fedtt-resume": resume,
+                  INPROCESS_KEY: True}
     grid = InProcessGrid(client_app or default_client_app, run_config,
                          cfg.federation.num_clients, progress=show)
     context = Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},

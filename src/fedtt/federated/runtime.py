@@ -14,14 +14,15 @@ from typing import Any
 
 import torch
 
+from fedtt import backbone, devices, privacy, tt
 from fedtt import data as fdata
-from fedtt import privacy, tt
-from fedtt.config import ConfigError, RunConfig, apply
+from fedtt.config import RunConfig, apply
 from fedtt.methods import core_groups, largest_core_rank
-from fedtt.models import load_model, load_tokenizer
-from fedtt.train import Encoded, encode, evaluate, train_local
+from fedtt.models import load_tokenizer
+from fedtt.train import Encoded, evaluate, train_local
 
 CONFIG_KEY = "fedtt-config"  # run_config key holding the resolved config as TOML text
+INPROCESS_KEY = "fedtt-inprocess"  # run_config key: clients share the server's Runtime
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -57,7 +58,8 @@ class Runtime:
 
     BUILD_LOG_ENV = "FEDTT_BUILD_LOG"  # instrumentation: see `_log_build`
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, device: str | None = None) -> None:
+        """`device`: a SuperNode's own (its node config `device`); None = training.device."""
         import time
 
         started = time.time()
@@ -65,6 +67,9 @@ class Runtime:
         seed = cfg.training.seed
         if cfg.training.threads:
             torch.set_num_threads(cfg.training.threads)
+        self.compute = devices.resolve(
+            cfg.training.device if device is None else device, cfg.model.dtype,
+            device_key="training.device" if device is None else "the node config's device")
         task = load_task_data(cfg)
         self.label_names = task.label_names
         self.num_labels = task.num_labels
@@ -82,26 +87,27 @@ class Runtime:
         self.label_counts = fdata.label_counts(parts, self.num_labels)
 
         self.tokenizer = load_tokenizer(cfg.model.name)
-        self.train_data: Encoded = encode(self.tokenizer, train["text"], train["label"],
-                                          cfg.model.max_length)
-        self.test_data: Encoded = encode(self.tokenizer, test["text"], test["label"],
-                                         cfg.model.max_length)
-        self.val_data: Encoded | None = None if val is None else encode(
-            self.tokenizer, val["text"], val["label"], cfg.model.max_length)
+        # model.head = "verbalizer": prompts, and the labels scored by the LM head
+        self.verbalizer = backbone.verbalizer_for(cfg, self.tokenizer, self.label_names)
+        length = cfg.model.max_length
+        self.train_data: Encoded = backbone.encode(self.tokenizer, train["text"], train["label"],
+                                                   length, self.verbalizer)
+        self.test_data: Encoded = backbone.encode(self.tokenizer, test["text"], test["label"],
+                                                  length, self.verbalizer)
+        self.val_data: Encoded | None = None if val is None else backbone.encode(
+            self.tokenizer, val["text"], val["label"], length, self.verbalizer)
 
         self.method = cfg.make_method()
-        base = load_model(cfg.model.name, self.num_labels, seed=seed)
-        positions = getattr(base.config, "max_position_embeddings", None)
-        if positions is not None and cfg.model.max_length > positions:
-            raise ConfigError(f"model.max_length {cfg.model.max_length} is more than the "
-                              f"{positions} positions {cfg.model.name} has")
-        self.model = self.method.build(base, seed=seed)
+        self.model = backbone.build_model(cfg, self.method, self.num_labels,
+                                          verbalizer=self.verbalizer, compute=self.compute)
+        if cfg.training.gradient_checkpointing:
+            devices.enable_gradient_checkpointing(self.model)
         self.model.eval()
         self.params = dict(self.model.named_parameters())
         self.trainable = [n for n, p in self.params.items() if p.requires_grad]
         self.sent = self.method.sent_names(self.model)
         self.local_only = [n for n in self.trainable if n not in set(self.sent)]
-        self.initial = {n: self.params[n].detach().clone() for n in self.trainable}
+        self.initial = {n: _host(self.params[n]) for n in self.trainable}  # float32, CPU
         # A kept-local head exists only on its client: such runs are scored by the clients.
         self.client_eval = cfg.federation.client_eval or bool(self.local_only)
         self.test_partitions: list[list[int]] = []
@@ -190,7 +196,8 @@ class Runtime:
         return [(n, self._layouts[rank][n]) for n in names]
 
     def snapshot(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {n: self.params[n].detach().clone() for n in names}
+        """Copies of `names` on the CPU (where payloads and the server's masters live)."""
+        return {n: _host(self.params[n]) for n in names}
 
     def set_trainable(self, names: Sequence[str]) -> None:
         wanted = set(names)
@@ -237,11 +244,12 @@ class Runtime:
                         max_grad_norm=self.cfg.privacy.max_grad_norm,
                         generator=(privacy.SecureRandom() if self.cfg.privacy.secure_mode
                                    else generator),
-                        masks=[masks.get(n) for n in trained])
+                        masks=[masks.get(n) for n in trained], compute=self.compute)
                 else:
                     loss = train_local(self.model, self.train_data, rows, params,
                                        steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
-                                       weight_decay=t.weight_decay, generator=generator)
+                                       weight_decay=t.weight_decay, generator=generator,
+                                       accum_steps=t.grad_accum_steps, compute=self.compute)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -252,7 +260,7 @@ class Runtime:
         """The loaded model on the test split, and (`val_*`) on the validation split."""
         def on(data: Encoded) -> dict[str, float]:
             return evaluate(self.model, data, batch_size=self.cfg.training.eval_batch_size,
-                            num_labels=self.num_labels)
+                            num_labels=self.num_labels, compute=self.compute)
 
         metrics = on(self.test_data)
         if self.val_data is not None:
@@ -263,17 +271,24 @@ class Runtime:
         rows = self.test_partitions[partition_id]
         return (evaluate(self.model, self.test_data, rows,
                          batch_size=self.cfg.training.eval_batch_size,
-                         num_labels=self.num_labels), len(rows))
+                         num_labels=self.num_labels, compute=self.compute), len(rows))
+
+
+def _host(param: torch.Tensor) -> torch.Tensor:
+    """A detached copy of `param` on the CPU."""
+    value = param.detach()
+    return value.clone() if value.device.type == "cpu" else value.cpu()
 
 
 _CACHE: dict[str, Runtime] = {}
 
 
-def get_runtime(run_config: Mapping[str, Any]) -> Runtime:
-    """The process-wide Runtime for this run config (built on first use)."""
-    key = hashlib.sha256(repr(sorted(run_config.items())).encode()).hexdigest()
+def get_runtime(run_config: Mapping[str, Any], device: str | None = None) -> Runtime:
+    """The process-wide Runtime for this run config (built on first use). `device`: a
+    SuperNode's own device (node config `device`); None = the config's training.device."""
+    key = hashlib.sha256(repr((sorted(run_config.items()), device)).encode()).hexdigest()
     if key not in _CACHE:
         _CACHE.clear()  # one run at a time per process: free the previous model
-        _CACHE[key] = Runtime(config_from_run_config(run_config))
+        _CACHE[key] = Runtime(config_from_run_config(run_config), device)
     return _CACHE[key]
 

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedtt import config as fconfig
-from fedtt.federated import checkpoint
+from fedtt.federated import checkpoint, secagg
 from fedtt.federated.runtime import get_runtime
 from fedtt.federated.safeguards import RoundFailed, Safeguards
 from fedtt.federated.strategy import FedTTStrategy
@@ -102,7 +102,9 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
             max_weight_share=cfg.federation.max_weight_share),
         precision=cfg.federation.precision, private=cfg.privacy.enabled,
         max_participations=(rt.privacy_plan.participations
-                            if cfg.privacy.enabled and cfg.privacy.epsilon > 0 else None))
+                            if cfg.privacy.enabled and cfg.privacy.epsilon > 0 else None),
+        secure=(secagg.settings_of(cfg.federation) if cfg.federation.secure_aggregation
+                else None))
     if resumed:
         strategy.load_state(resumed["strategy"], clients_kept_state=restores)
         if restores:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -49,8 +50,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedtt import tt
-from fedtt.federated import payload, wire
+from fedtt.federated import payload, secagg, wire
 from fedtt.federated.safeguards import RoundFailed, Safeguards, capped_shares
+from fedtt.federated.secure_rounds import SecureRounds
 from fedtt.federated.validate import (
     Rejected,
     ReplyRules,
@@ -66,15 +68,19 @@ LedgerSink = Callable[[list[dict]], None]
 NODE_UNAVAILABLE = ErrorCode.NODE_UNAVAILABLE  # Flower's reply for a node that is gone
 
 
-class FedTTStrategy(FedAvg):
+class FedTTStrategy(SecureRounds, FedAvg):
     """Sampling, versioned sync, method-driven aggregation and an exact byte ledger."""
 
     def __init__(self, method: Method, initial: dict[str, torch.Tensor], *, stateful: bool,
                  num_clients: int, clients_per_round: int, seed: int, client_eval: bool,
                  ledger: LedgerSink, guard: Safeguards, wait_seconds: float = 600.0,
                  precision: str = "float32", private: bool = False,
-                 max_participations: int | None = None) -> None:
+                 max_participations: int | None = None,
+                 secure: secagg.Settings | None = None) -> None:
         super().__init__(min_available_nodes=num_clients)
+        # Secure aggregation (`secagg.py`): replies are masked, only their sum is unmasked.
+        self.secure = secure
+        self._packets: dict[int, ConfigRecord] = {}  # node -> its share packets this round
         self.client_eval = client_eval
         self.guard = guard
         self.node_client: dict[int, int] = {}  # learnt from valid replies, for the ledger
@@ -264,10 +270,13 @@ class FedTTStrategy(FedAvg):
                 evaluate_fn(0)
                 after_round(0)
                 continue
-            replies = grid.send_and_receive(
-                self.configure_train(server_round, self.global_record(), ConfigRecord(), grid),
-                timeout=timeout)
-            self.aggregate_train(server_round, replies)
+            if self.secure:
+                self.secure_train(server_round, grid, timeout)
+            else:
+                replies = grid.send_and_receive(
+                    self.configure_train(server_round, self.global_record(), ConfigRecord(),
+                                         grid), timeout=timeout)
+                self.aggregate_train(server_round, replies)
             replies = grid.send_and_receive(
                 self.configure_evaluate(server_round, self.global_record(), ConfigRecord(),
                                         grid), timeout=timeout)
@@ -278,6 +287,11 @@ class FedTTStrategy(FedAvg):
     # --- Flower hooks ----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._sample(server_round, config, grid)
+        return [self._train_message(node, server_round) for node in self.sampled]
+
+    def _sample(self, server_round: int, config: ConfigRecord, grid: Grid) -> None:
+        """Begin a round: sample its clients and name the tensors they train."""
         nodes = self._nodes(grid)
         if len(nodes) < self.clients_per_round:
             log(WARNING, "only %d of %d clients available", len(nodes), self.clients_per_round)
@@ -292,7 +306,6 @@ class FedTTStrategy(FedAvg):
         chosen = set(self.method.round_names(server_round, self.sent))
         self.round_train = [n for n in self.sent if n in chosen]
         self._grid, self._config = grid, config
-        return [self._train_message(node, server_round) for node in self.sampled]
 
     def out_of_budget(self) -> int:
         """Clients that have used every round their target epsilon allows."""
@@ -306,8 +319,10 @@ class FedTTStrategy(FedAvg):
             server_round, payload.mask_of(self.sent, self.round_train), mask, self.stateful,
             rank)})
         self.participations[node] = self.participations.get(node, 0) + 1
-        self.outbox[node] = self._message(node, server_round, MessageType.TRAIN,
-                                          RecordDict({"arrays": arrays, "config": cfg}))
+        content = RecordDict({"arrays": arrays, "config": cfg})
+        if node in self._packets:
+            content[secagg.RECORD] = self._packets[node]
+        self.outbox[node] = self._message(node, server_round, MessageType.TRAIN, content)
         return self.outbox[node]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -388,8 +403,11 @@ class FedTTStrategy(FedAvg):
                 server_round, clipped, bound)
 
     def _screen(self, server_round: int, replies: list[Message],
-                asked: list[int]) -> list[Accepted]:
-        """Validate replies; record failures, rejections and the ledger; keep the good ones."""
+                asked: list[int], masked: tuple[int, np.dtype, int] | None = None
+                ) -> list[Accepted]:
+        """Validate replies; record failures, rejections and the ledger; keep the good ones.
+        `masked` (secure aggregation): replies carry masked vectors of (length, dtype,
+        modulus bits) instead of tensors."""
         stats = self.stats[server_round]
 
         def rules_at(rank: int | None) -> ReplyRules:
@@ -415,10 +433,15 @@ class FedTTStrategy(FedAvg):
                 self.ledger([self._message_row(server_round, "up", "train", size,
                                                self.node_client.get(node))])
                 continue
+            vector = None
             try:
                 rank = self._declared_rank(msg)
                 rules = rules_at(rank)
-                tensors, examples, client, metrics = check_train_reply(msg.content, rules)
+                if masked is None:
+                    tensors, examples, client, metrics = check_train_reply(msg.content, rules)
+                else:
+                    vector, client, metrics = self._check_masked(msg.content, masked)
+                    tensors, examples = {}, 1.0
                 self._check_identity(node, client, examples)
             except Rejected as exc:
                 self._reject(server_round, node, str(exc), size)
@@ -431,13 +454,18 @@ class FedTTStrategy(FedAvg):
                 self.epsilon[client] = metrics["epsilon"]
             self._delivered(node)
             self._flush(node, client)
-            self.ledger([self._row(server_round, "up", "train", n, n in tensors, client,
-                                   tensor=tensors.get(n)) for n in self.sent]
-                        + [self._message_row(server_round, "up", "train", size, client)])
-            stats.upload_bytes += sum(t.numel() for t in tensors.values()) * wire.itemsize(
-                self.precision)
+            if masked is None:
+                rows = [self._row(server_round, "up", "train", n, n in tensors, client,
+                                  tensor=tensors.get(n)) for n in self.sent]
+                stats.upload_bytes += sum(t.numel() for t in tensors.values()) * wire.itemsize(
+                    self.precision)
+            else:  # the round's tensors at the masked width
+                rows = self._masked_rows(server_round, client, masked[1])
+                stats.upload_bytes += sum(r["bytes"] for r in rows)
+            self.ledger(rows + [self._message_row(server_round, "up", "train", size, client)])
             stats.clients.append(client)
-            accepted.append(Accepted(node, client, tensors, examples, metrics, rules.expected))
+            accepted.append(Accepted(node, client, tensors, examples, metrics, rules.expected,
+                                     vector))
         for node in asked:
             if node not in answered:
                 self._fail(server_round, node, "no reply before the timeout (dropped out or hung)")
@@ -545,3 +573,4 @@ class Accepted:
     examples: float
     metrics: dict[str, float]
     base: Mapping[str, torch.Tensor]  # the tensors the client was sent (its update's origin)
+    vector: np.ndarray | None = None  # secure aggregation: the masked update, nothing else

@@ -68,8 +68,20 @@ def check_train_reply(content: RecordDict, rules: ReplyRules
 # What a reply may report besides its tensors: key -> (lowest, highest, integral).
 TRAIN_METRICS = {"train_loss": (0.0, 1e6, False), "train_seconds": (0.0, 1e7, False),
                  "epsilon": (0.0, 1e6, False), "dp_steps": (0, 10**12, True)}
+# A masked reply (secure aggregation) reports no example count or loss: they travel masked.
+SECURE_TRAIN_METRICS = {k: v for k, v in TRAIN_METRICS.items() if k != "train_loss"}
 EVALUATE_METRICS = {"local_accuracy": (0.0, 1.0, False), "local_macro_f1": (0.0, 1.0, False),
                     "local_loss": (0.0, 1e6, False)}
+
+
+def check_masked_metrics(content: RecordDict, num_partitions: int
+                         ) -> tuple[int, dict[str, float]]:
+    """(partition id, other metrics) of a masked train reply (secure aggregation), else
+    Rejected; a count or a loss in the clear is refused, as they travel masked."""
+    metrics = _record(content, "metrics", MetricRecord)
+    client = _integer(metrics, "partition-id", 0, num_partitions - 1)
+    return client, _check_metrics({k: v for k, v in metrics.items() if k != "partition-id"},
+                                  SECURE_TRAIN_METRICS)
 
 
 def check_evaluate_reply(content: RecordDict, max_examples: int

@@ -75,6 +75,21 @@ def to_record(tensors: Mapping[str, torch.Tensor],
 
 def from_array(array: Array) -> torch.Tensor:
     """Decode an Array (no pickle, ever); ValueError if its bytes do not match its header."""
+    tensor = torch.from_numpy(numpy_from_array(array).copy())
+    return tensor.view(torch.bfloat16) if str(array.dtype) == "bfloat16" else tensor
+
+
+def numpy_to_array(values: np.ndarray) -> Array:
+    """Encode a numpy array (any plain dtype, e.g. secure aggregation's uint64) as .npy."""
+    values = np.ascontiguousarray(values)
+    shape = tuple(values.shape)
+    return Array(dtype=str(values.dtype), shape=shape, stype=NUMPY_STYPE,
+                 data=_header(str(values.dtype), shape) + values.tobytes())
+
+
+def numpy_from_array(array: Array) -> np.ndarray:
+    """Decode an Array to a read-only numpy view (bfloat16: its uint16 bits); no pickle,
+    ever; ValueError if its bytes do not match its header."""
     if array.stype != NUMPY_STYPE:
         raise ValueError(f"unsupported array type {array.stype!r}")
     dtype = _dtype(str(array.dtype))
@@ -96,8 +111,7 @@ def from_array(array: Array) -> torch.Tensor:
         if values.dtype != dtype or tuple(values.shape) != shape:
             raise ValueError(f"bytes hold {values.dtype} {tuple(values.shape)}, the header "
                              f"announced {dtype} {shape}")
-    tensor = torch.from_numpy(values.copy())
-    return tensor.view(torch.bfloat16) if str(array.dtype) == "bfloat16" else tensor
+    return values
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:

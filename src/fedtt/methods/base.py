@@ -87,6 +87,13 @@ class Method:
         """The rank the config gives the client of `partition_id` (None: the model's)."""
         return None
 
+    @property
+    def aggregates_by_mean(self) -> bool:
+        """Whether `aggregate` of replies that all carry the same tensors at the global
+        shapes is their weighted mean, so it can be given that mean as a single reply:
+        what secure aggregation, where the server learns only the sum, needs."""
+        return True
+
     def build(self, model: nn.Module, *, seed: int = 0) -> nn.Module:
         """Add this method's trainable tensors to `model`, freeze the rest, return the model."""
         raise NotImplementedError

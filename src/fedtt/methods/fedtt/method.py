@@ -56,6 +56,12 @@ class FedTT(Method):
     def accepts_client_ranks(self) -> bool:
         return self.cfg.aggregation == "exact"
 
+    @property
+    def aggregates_by_mean(self) -> bool:
+        """Factor averaging is a weighted mean; exact aggregation (TT-SVD of the averaged
+        matrices) needs each client's cores."""
+        return self.cfg.aggregation == "factor" and not self.cfg.client_ranks
+
     def client_rank(self, partition_id: int) -> int | None:
         ranks = self.cfg.client_ranks
         return ranks[partition_id % len(ranks)] if ranks else None
