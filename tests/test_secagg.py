@@ -63,6 +63,21 @@ def test_secure_aggregate_equals_fedavg(tmp_path, method):
     assert rounds[1]["train_loss"] is not None  # the weighted loss travelled masked
 
 
+def test_cross_device_secure_rounds_equal_fedavg_on_the_sampled_clients(tmp_path):
+    sets = {"federation.mode": "cross-device", "federation.num_clients": 8,
+            "federation.clients_per_round": 3, "data.max_train_examples": 160,
+            "federation.rounds": 2}
+    _, plain_rounds, _, _ = run(tmp_path, "plain", **sets)
+    _, rounds, _, summary = run(tmp_path, "secure", **{
+        **sets, "federation.secure_aggregation": True})
+    assert summary["status"] == "completed"
+    assert [r["clients"] for r in rounds] == [r["clients"] for r in plain_rounds]
+    first = run(tmp_path, "plain1", **{**sets, "federation.rounds": 1})[0]
+    secure1 = run(tmp_path, "secure1", **{**sets, "federation.rounds": 1,
+                                          "federation.secure_aggregation": True})
+    assert_within_bound(secure1[0], first, secure1[1][1]["secagg"]["error_bound"])
+
+
 def test_dropout_after_sharing_keys_is_survived(tmp_path):
     """Client 1 shares its keys, then fails in training: the other two are unmasked with the
     help of their shares of its masking key, and the global is their plain FedAvg."""
