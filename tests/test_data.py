@@ -23,7 +23,7 @@ from fedtt import data
 from fedtt.fetch import FetchError, cache_dir
 
 BUILTIN = ["movie-reviews", "tweets", "amazon-reviews", "nyt-editorials", "bbc-news",
-           "drug-reviews"]
+           "drug-reviews", "sharegpt"]
 
 
 def labels_of(ds: datasets.Dataset) -> list[int]:
@@ -35,9 +35,11 @@ def texts_of(ds: datasets.Dataset) -> list[str]:
 
 
 def check_task_shape(task: data.TaskData) -> None:
+    text = "prompt" if task.kind == "causal-lm" else "text"
     for ds in (task.train, task.test):
-        assert ds.column_names == ["text", "label"]
-        assert all(isinstance(t, str) and t.strip() for t in texts_of(ds))
+        assert ds.column_names == (["prompt", "response", "label"] if text == "prompt"
+                                   else ["text", "label"])
+        assert all(isinstance(t, str) and t.strip() for t in ds.select_columns([text])[:][text])
         assert set(labels_of(ds)) <= set(range(task.num_labels))
     assert task.num_labels == len(task.label_names)
 

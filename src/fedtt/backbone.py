@@ -1,7 +1,8 @@
 """A run's model from its config, built the same way by the runtime and by export/predict.
 
 The frozen backbone is loaded on the run's device in `model.dtype` (a classification model,
-or with `model.head = "verbalizer"` the causal LM wrapped in `VerbalizerLM`), the method adds
+with `model.head = "verbalizer"` the causal LM wrapped in `VerbalizerLM`, and for a causal-lm
+task the causal LM itself, whose LM head predicts the response), the method adds
 its tensors, and every trainable or method-owned tensor is made float32 (the master copies).
 `encode` tokenises a split for that model: plain texts, or prompts for the verbalizer head.
 """
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fedtt.config import RunConfig
+from fedtt.config import RunConfig, task_kind
 from fedtt.devices import CPU, Compute, float32_trainables
 from fedtt.errors import ConfigError
 from fedtt.methods import Method
@@ -34,8 +35,10 @@ def build_model(cfg: RunConfig, method: Method, num_labels: int, *,
     """The backbone on `compute`'s device and dtype with `method`'s tensors (float32)."""
     seed = cfg.training.seed
     device = None if compute.device.type == "cpu" else compute.device
+    generative = task_kind(cfg) == "causal-lm"
     base = load_model(cfg.model.name, num_labels, seed=seed, meta=False, dtype=compute.dtype,
-                      device=device, causal=verbalizer is not None)
+                      device=device, causal=verbalizer is not None or generative,
+                      generative=generative)
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions is not None and cfg.model.max_length > positions:
         raise ConfigError(f"model.max_length {cfg.model.max_length} is more than the "

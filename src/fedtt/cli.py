@@ -143,14 +143,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         lora = (f" ({cfg.make_method(BASELINE).label} would send {would / 1e6:.2f} MB, "
                 "fedtt plan)")
     print(f"{summary['method']} on {summary['model']} / {summary['task']}, "
-          f"{summary['num_clients']} clients, {summary['rounds']} rounds: final accuracy "
-          f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), "
+          f"{summary['num_clients']} clients, {summary['rounds']} rounds: {_score(summary)}, "
           f"{summary['wall_seconds']:.0f} s. Results in {run['dir']}\n"
           f"{summary['total_wire_bytes'] / 1e6:.2f} MB sent on the wire{lora}; "
           f"{summary['total_upload_wire_bytes'] / 1e6:.2f} up, "
           f"{summary['total_download_wire_bytes'] / 1e6:.2f} down, of which tensor payload "
           f"{summary['total_bytes'] / 1e6:.2f}")
     return 0
+
+
+def _score(summary: dict) -> str:
+    """A summary's headline: final and best accuracy, or (causal-lm) loss and perplexity."""
+    if summary.get("final_accuracy") is None:
+        return (f"final loss {summary['final_loss']:.4f}, perplexity "
+                f"{summary['final_perplexity']:.4g} (best {summary['best_perplexity']:.4g})")
+    return (f"final accuracy {summary['final_accuracy']:.4f} "
+            f"(best {summary['best_accuracy']:.4f})")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -172,7 +180,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
               f"its log:\n{result.log[-3000:]}", file=sys.stderr)
         return 1
     traffic = summary["flower_traffic"]
-    print(f"run {result.run_id} {result.status}: final accuracy {summary['final_accuracy']:.4f}; "
+    print(f"run {result.run_id} {result.status}: {_score(summary)}; "
           f"Flower moved {traffic['flower']['total_bytes'] / 1e6:.2f} MB; the ledger counts "
           f"{traffic['ledger']['total_wire_bytes'] / 1e6:.2f} MB of messages "
           f"({traffic['ledger']['total_bytes'] / 1e6:.2f} MB of tensors). Results in "
@@ -211,7 +219,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts += read_texts(Path(args.file), args.text_column)
     if not texts:
         raise DataError("nothing to predict: give texts or --file")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise DataError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     predictor = load_exported(args.model_dir)
+    if predictor.kind == "causal-lm":
+        outputs = predictor.generate(texts, args.max_new_tokens)
+        for text, output in zip(texts, outputs, strict=True):
+            print(json.dumps({"prompt": text, "output": output}, ensure_ascii=False)
+                  if args.json else f"{text}\t{output}")
+        return 0
     if args.json:
         probs = predictor.scores(texts)
         for text, row in zip(texts, probs, strict=True):
@@ -324,12 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold LoRA into the weights (not possible for TT adapters)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="label texts with an exported model")
+    p = sub.add_parser("predict", help="label texts with an exported model (a causal-lm "
+                                       "model: generate greedily from prompts)")
     p.add_argument("model_dir")
     p.add_argument("texts", nargs="*", help="texts to label")
     p.add_argument("--file", help=".txt (one text per line), .csv, .jsonl or .parquet")
     p.add_argument("--text-column", default="text", help="text column of --file")
-    p.add_argument("--json", action="store_true", help="one JSON object per text, all scores")
+    p.add_argument("--json", action="store_true", help="one JSON object per text, all scores "
+                   "(a causal-lm model: prompt and output)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="causal-lm: tokens to generate (default: the run's model.max_new_tokens)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="built-in tasks: list, or fetch and prepare")

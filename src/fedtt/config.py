@@ -50,6 +50,9 @@ class ModelConfig:
         "help": "verbalizer: one word per label, in label order (scored with a leading "
                 "space; several tokens score as the sum of their log-probabilities). "
                 "Empty = the task's label names."})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "causal-lm: tokens generated (greedily) for the recorded generations and by "
+                "fedtt predict (which can override it).", "min": 1, "max": 4096})
 
 
 @dataclass
@@ -59,8 +62,24 @@ class DataConfig:
     task: str = field(default="movie-reviews", metadata={
         "help": "Built-in task name (see `fedtt data list`), 'synthetic', or a path to a "
                 "CSV / JSON lines / parquet file or a saved Hugging Face dataset directory."})
+    kind: str = field(default="auto", metadata={
+        "help": "classification or causal-lm (instruction tuning: loss on the response "
+                "tokens, held-out loss and perplexity, greedy generations); auto = the "
+                "task's own (a built-in task's kind, else classification).",
+        "choices": ("auto", "classification", "causal-lm")})
     text_column: str = field(default="text", metadata={"help": "Text column of a user file."})
     label_column: str = field(default="label", metadata={"help": "Label column of a user file."})
+    prompt_column: str = field(default="prompt", metadata={
+        "help": "causal-lm: prompt column of a user file."})
+    response_column: str = field(default="response", metadata={
+        "help": "causal-lm: response column of a user file."})
+    partition_column: str = field(default="", metadata={
+        "help": "causal-lm: a categorical column of a user file that dirichlet and "
+                "pathological partitioning skew by (a built-in causal-lm task has its own "
+                "categories); empty = none, so partition must be iid."})
+    generations: int = field(default=3, metadata={
+        "help": "causal-lm: greedy generations recorded every eval round (generations.jsonl) "
+                "for the first N held-out prompts; 0 = none.", "min": 0})
     test_path: str = field(default="", metadata={
         "help": "Optional separate test file; otherwise a seeded split of the data."})
     test_fraction: float = field(default=0.2, metadata={
@@ -298,9 +317,18 @@ class RunConfig:
 
 
 def _scale_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
-    """Rules for devices, precision and the verbalizer head (issue #17)."""
+    """Rules for devices, precision, the verbalizer head and causal-lm tasks (issue #17)."""
     m, t, private = cfg.model, cfg.training, cfg.privacy.enabled
     checks = [("training.device", valid_device(t.device), f"must be {DEVICE_HELP}")]
+    if task_kind(cfg) == "causal-lm":
+        checks += [
+            ("model.head", m.head == "classifier", "must be left at its default for a "
+             "causal-lm task (no head: the LM head predicts the response)"),
+            ("privacy.enabled", not private, "is not supported for causal-lm tasks yet"),
+        ]
+    else:
+        checks.append(("data.partition_column", cfg.data.partition_column == "",
+                       "is for causal-lm tasks (classification partitions by label)"))
     if m.head == "verbalizer":
         checks.append(("model.template", m.template == "" or m.template.count("{text}") == 1,
                        "must hold {text} exactly once"))
@@ -316,6 +344,15 @@ def _scale_checks(cfg: RunConfig) -> list[tuple[str, bool, str]]:
              "must be false under privacy.enabled (Opacus' hooks see each forward pass)"),
         ]
     return checks
+
+
+def task_kind(cfg: RunConfig) -> str:
+    """The run's task kind, classification or causal-lm (`fedtt.data.task_kind`)."""
+    if cfg.data.kind != "auto":
+        return cfg.data.kind
+    from fedtt.data.loader import task_kind as resolve
+
+    return resolve(cfg.data)
 
 
 def _get(cfg: RunConfig, key: str) -> Any:

@@ -8,6 +8,9 @@ Two formats, both plain directories:
   B A folded into the weights and the trained head in place; any Hugging Face code loads it.
   A TT adapter cannot be merged: it is a bottleneck `x + up(relu(down(x)))`, not a linear
   change of a weight, so it is exported as adapters.
+
+A causal-lm run (`kind` in the manifest) exports the same way (merged: a causal LM directory);
+its `Predictor.generate` greedy-decodes prompts put into the run's chat template.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedtt import backbone
-from fedtt.config import RunConfig, apply, load_config, to_toml
+from fedtt import backbone, causal_lm
+from fedtt.config import RunConfig, apply, load_config, task_kind, to_toml
 from fedtt.methods import Method
 from fedtt.models import HashTokenizer, load_tokenizer
 from fedtt.results import GLOBAL, LABELS, read_global, read_labels
@@ -102,9 +105,13 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
                 "method": cfg.method.name, "seed": cfg.training.seed, "label_names": labels,
                 "max_length": cfg.model.max_length, "run": str(run_dir.resolve()),
                 "config": to_toml(cfg)}
+    generative = task_kind(cfg) == "causal-lm"
+    if generative:  # label_names: the task's categories, which predict does not use
+        manifest.update(kind="causal-lm", max_new_tokens=cfg.model.max_new_tokens)
     if merge:
-        plain.config.id2label = dict(enumerate(labels))
-        plain.config.label2id = {name: i for i, name in enumerate(labels)}
+        if not generative:
+            plain.config.id2label = dict(enumerate(labels))
+            plain.config.label2id = {name: i for i, name in enumerate(labels)}
         plain.save_pretrained(out)
         tok = load_tokenizer(cfg.model.name)
         if isinstance(tok, HashTokenizer):
@@ -119,17 +126,33 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False) -> 
 
 @dataclass
 class Predictor:
-    """A loaded model with its tokenizer and label names."""
+    """A loaded model with its tokenizer and label names (a causal-lm model: `kind`, and its
+    chat template; it generates instead of labelling)."""
 
     model: nn.Module
     tokenizer: object
     label_names: list[str]
     max_length: int
     verbalizer: Verbalizer | None = None  # model.head = "verbalizer": prompts, LM-head scores
+    kind: str = "classification"
+    max_new_tokens: int = 32
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+        """causal-lm: greedy continuations of `prompts` in the run's chat template."""
+        if self.kind != "causal-lm":
+            raise ExportError("this model is a classifier: it labels texts, it does not "
+                              "generate")
+        return causal_lm.generate(self.model, self.tokenizer,
+                                  causal_lm.ChatFormat.build(self.tokenizer), prompts,
+                                  max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                  max_length=self.max_length)
 
     @torch.no_grad()
     def scores(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Class probabilities, one row per text."""
+        if self.kind == "causal-lm":
+            raise ExportError("this model generates (a causal-lm run): it has no classes "
+                              "to score")
         out = []
         for start in range(0, len(texts), batch_size):
             part = list(texts[start:start + batch_size])
@@ -159,10 +182,17 @@ def load_exported(model_dir: str | Path) -> Predictor:
         raise FileNotFoundError(f"{model_dir} is not a fedtt export (no {MANIFEST})")
     manifest = _read_manifest(path)
     labels = manifest["label_names"]
+    kind = manifest.get("kind", "classification")
     if manifest["format"] == "merged":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        auto = AutoModelForCausalLM if kind == "causal-lm" else \
+            AutoModelForSequenceClassification
+        model = auto.from_pretrained(model_dir).eval()
         tok = (HashTokenizer(manifest["tokenizer"]["hash"]) if "tokenizer" in manifest
                else AutoTokenizer.from_pretrained(model_dir))
     else:
@@ -180,7 +210,8 @@ def load_exported(model_dir: str | Path) -> Predictor:
         _load(model, tensors)
         verbalizer = backbone.verbalizer_for(cfg, tok, labels)
     return Predictor(model, tok, labels, int(manifest["max_length"]),
-                     None if manifest["format"] == "merged" else verbalizer)
+                     None if manifest["format"] == "merged" else verbalizer, kind,
+                     int(manifest.get("max_new_tokens", 32)))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -199,6 +230,11 @@ def _read_manifest(path: Path) -> dict:
     if manifest["format"] not in FORMATS:
         raise ExportError(f"{path}: format must be adapters or merged, got "
                           f"{manifest['format']!r}")
-    if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise ExportError(f"{path}: label_names must be two or more strings, got {labels!r}")
+    if manifest.get("kind", "classification") not in ("classification", "causal-lm"):
+        raise ExportError(f"{path}: kind must be classification or causal-lm, got "
+                          f"{manifest['kind']!r}")
+    fewest = 1 if manifest.get("kind") == "causal-lm" else 2  # causal-lm: its categories
+    if len(labels) < fewest or not all(isinstance(x, str) for x in labels):
+        raise ExportError(f"{path}: label_names must be {fewest} or more strings, got "
+                          f"{labels!r}")
     return manifest

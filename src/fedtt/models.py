@@ -12,7 +12,8 @@ A spec is one of:
 - a local Hugging Face model directory, or a hub id when online.
 
 `load_model(..., causal=True)` gives the causal LM instead (decoders only), for the verbalizer
-head (`fedtt.verbalizer`); `dtype` and `device` load the backbone in that precision, there.
+head (`fedtt.verbalizer`) and causal-lm tasks (`fedtt.causal_lm`); `dtype` and `device` load
+the backbone in that precision, there.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def arch_config(spec: str, num_labels: int) -> PretrainedConfig:
 
 def load_model(spec: str, num_labels: int, *, seed: int = 0, meta: bool | None = None,
                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-               causal: bool = False) -> nn.Module:
+               causal: bool = False, generative: bool = False) -> nn.Module:
     """A sequence-classification model for `spec`; the head is freshly initialised (seeded).
-    With `causal`, the causal language model instead (no new head: the verbalizer head).
+    With `causal`, the causal language model instead (no new head: the verbalizer head, or
+    with `generative` a causal-lm task's own LM head).
 
     Architecture presets of real size are built on the meta device (no memory) unless
     `meta=False`; tiny presets and real weights are materialised, in `dtype` and on `device`
@@ -167,7 +169,7 @@ def load_model(spec: str, num_labels: int, *, seed: int = 0, meta: bool | None =
     if spec.startswith("arch:"):
         cfg = arch_config(spec, num_labels)
         if causal:
-            require_decoder(cfg, spec)
+            require_decoder(cfg, spec, generative)
         on_meta = meta if meta is not None else not spec.startswith("arch:tiny")
         if on_meta:
             with torch.device("meta"):
@@ -179,7 +181,7 @@ def load_model(spec: str, num_labels: int, *, seed: int = 0, meta: bool | None =
     source = model_source(spec)
     config = AutoConfig.from_pretrained(source, num_labels=num_labels)
     if causal:
-        require_decoder(config, spec)
+        require_decoder(config, spec, generative)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     verbosity = hf_logging.get_verbosity()
@@ -193,12 +195,16 @@ def load_model(spec: str, num_labels: int, *, seed: int = 0, meta: bool | None =
     return model if on_cpu else model.to(device)
 
 
-def require_decoder(config: PretrainedConfig, spec: str) -> None:
+def require_decoder(config: PretrainedConfig, spec: str, generative: bool = False) -> None:
     """A ConfigError unless `config` is a decoder-only language model (LLaMA, Qwen2, ...):
-    the verbalizer head scores words with a causal LM head."""
+    the verbalizer head scores words with a causal LM head, and a causal-lm task
+    (`generative`) trains one."""
     kind = getattr(config, "model_type", "")
     if (getattr(config, "is_encoder_decoder", False) or kind not in CAUSAL_LM_TYPES
             or kind in MASKED_LM_TYPES):
+        if generative:
+            raise ConfigError(f"a causal-lm task needs a decoder model (a causal LM such as "
+                              f"LLaMA or SmolLM2); {spec} is a {kind or 'non-decoder'} model")
         raise ConfigError(f"model.head = 'verbalizer' needs a decoder model (a causal LM such "
                          f"as LLaMA or SmolLM2); {spec} is a {kind or 'non-decoder'} model: "
                          "use model.head = 'classifier'")

@@ -17,7 +17,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
 from fedtt.adapters import AdapterConfig
-from fedtt.config import RunConfig
+from fedtt.config import RunConfig, task_kind
 from fedtt.federated import payload
 from fedtt.federated.wire import PRECISIONS
 from fedtt.methods import Method
@@ -137,7 +137,9 @@ def baseline_wire_bytes(cfg: RunConfig, rounds: Sequence[dict], num_labels: int,
     round's participants times one train message and its reply (`wire_bytes`, round 1 then
     round 2's size, which repeats for methods that train everything each round)."""
     method = cfg.make_method(baseline)
-    model = method.build(load_model(cfg.model.name, num_labels), seed=0)
+    generative = task_kind(cfg) == "causal-lm"  # a causal LM, no classification head
+    model = method.build(load_model(cfg.model.name, num_labels, causal=generative,
+                                    generative=generative), seed=0)
     sent = method.sent_names(model)
     per_round = {}
     for r in (1, 2):

@@ -4,7 +4,12 @@ A run directory holds `config.toml` (resolved), `rounds.jsonl` (one object per r
 being the untrained start), `ledger.jsonl` (one row per tensor per client per round per
 direction with its payload `bytes`, and one row per message with Flower's `wire_bytes`),
 `label_counts.json`, `summary.json`, `global.safetensors` (the final travelling tensors) and
-`plots/`. `fedtt report` reads only these.
+`plots/`; a causal-lm run also `generations.jsonl` (one object per evaluated round: the greedy
+outputs for its fixed held-out prompts). `fedtt report` reads only these.
+
+A causal-lm run's rounds record `loss` and `perplexity`; its `accuracy` and `macro_f1` stay
+null, its summary has `final_perplexity` and `best_perplexity` (best = lowest loss) and null
+accuracies, and its plots show perplexity.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 SUMMARY, LABELS, GLOBAL = "summary.json", "label_counts.json", "global.safetensors"
+GENERATIONS = "generations.jsonl"  # causal-lm: greedy outputs for fixed prompts, per eval
 CHECKPOINT = "checkpoint.safetensors"  # written by `federated/checkpoint.py` via write_tensors
 
 
@@ -67,10 +73,14 @@ class RoundRecord:
     update_norms: dict[str, float] | None = None
     clipped: list[int] | None = None
     secagg: dict[str, Any] | None = None
+    perplexity: float | None = None  # causal-lm: exp(loss)
+    val_perplexity: float | None = None
+    local_perplexity: float | None = None
 
     OPTIONAL: ClassVar[tuple[str, ...]] = (
         "val_accuracy", "val_loss", "val_macro_f1", "local_accuracy", "local_loss",
-        "local_macro_f1", "update_norms", "clipped", "secagg")
+        "local_macro_f1", "update_norms", "clipped", "secagg", "perplexity",
+        "val_perplexity", "local_perplexity")
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Set fields by name (an unknown name is a bug, not a new key)."""
@@ -125,7 +135,11 @@ class Recorder:
             (self.dir / "summary.json").unlink(missing_ok=True)  # a stopped run's, now stale
             _keep_lines(self.dir / "rounds.jsonl", resume_round)
             _keep_lines(self.dir / "ledger.jsonl", resume_round)
+            if (self.dir / GENERATIONS).exists():
+                _keep_lines(self.dir / GENERATIONS, resume_round)
             self.rows = read_rounds(self.dir)
+        else:
+            (self.dir / GENERATIONS).unlink(missing_ok=True)  # an overwritten run's
         mode = "a" if resume_round is not None else "w"
         self._rounds = open(self.dir / "rounds.jsonl", mode)
         self._ledger = open(self.dir / "ledger.jsonl", mode)
@@ -145,6 +159,12 @@ class Recorder:
         """global.safetensors: the final global values of the travelling tensors."""
         write_tensors(self.dir / GLOBAL, tensors)
 
+    def generations(self, server_round: int, samples: Sequence[Mapping[str, str]]) -> None:
+        """One line of generations.jsonl: the round and its `{"prompt", "output"}` pairs."""
+        line = {"round": server_round, "generations": [dict(s) for s in samples]}
+        with open(self.dir / GENERATIONS, "a", encoding="utf-8") as out:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
     def round(self, record: RoundRecord) -> None:
         row = record.row()
         self.rows.append(row)
@@ -158,12 +178,19 @@ class Recorder:
     def finish(self, summary: dict, plots: bool = True) -> dict:
         self.close()
         evaluated = evaluated_rows(self.rows)
-        best = max(evaluated, key=lambda r: r["accuracy"])
         final, last = evaluated[-1], self.rows[-1]
+        generative = final["accuracy"] is None  # causal-lm: scored by loss and perplexity
+        if generative:
+            best = min(evaluated, key=lambda r: r["loss"])
+            scores = {"final_perplexity": final["perplexity"],
+                      "best_perplexity": best["perplexity"], "best_loss": best["loss"]}
+        else:
+            best = max(evaluated, key=lambda r: r["accuracy"])
+            scores = {}
         summary = {
             "final_accuracy": final["accuracy"], "final_loss": final["loss"],
             "final_macro_f1": final["macro_f1"], "best_accuracy": best["accuracy"],
-            "best_round": best["round"], "rounds": last["round"],
+            **scores, "best_round": best["round"], "rounds": last["round"],
             "total_bytes": last["cumulative_bytes"],
             "total_upload_bytes": sum(r["upload_bytes"] for r in self.rows),
             "total_download_bytes": sum(r["download_bytes"] for r in self.rows),
@@ -293,8 +320,17 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
 
 
 def evaluated_rows(rows: Sequence[dict]) -> list[dict]:
-    """The rounds that were evaluated (see `federation.eval_every`)."""
-    return [r for r in rows if r["accuracy"] is not None]
+    """The rounds that were evaluated (see `federation.eval_every`): with an accuracy, or
+    for a causal-lm run a perplexity."""
+    return [r for r in rows if r["accuracy"] is not None or r.get("perplexity") is not None]
+
+
+def read_generations(run_dir: str | Path) -> list[dict]:
+    """generations.jsonl's rows (none for a classification run)."""
+    path = Path(run_dir) / GENERATIONS
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -318,33 +354,55 @@ def format_table(runs: Sequence[dict]) -> str:
         rounds = [r for r in run["rounds"] if r["round"] > 0]
         per_client = [r["upload_wire_bytes"] / max(len(r["clients"]), 1) for r in rounds]
         up = sum(per_client) / len(per_client) / 1e6 if per_client else 0.0
+        if s.get("final_accuracy") is None:  # causal-lm: perplexities
+            final = f"ppl {s.get('final_perplexity', float('nan')):.4g}"
+            best = f"ppl {s.get('best_perplexity', float('nan')):.4g}"
+        else:
+            final, best = f"{s['final_accuracy']:.4f}", f"{s['best_accuracy']:.4f}"
         lines.append(f"{run['name'][:24]:<24} {s.get('method', '?'):<9} {s['rounds']:>6} "
-                     f"{s['final_accuracy']:>9.4f} {s['best_accuracy']:>8.4f} {up:>12.4f} "
+                     f"{final:>9} {best:>8} {up:>12.4f} "
                      f"{s['total_wire_bytes'] / 1e6:>9.3f} {s['wall_seconds']:>8.1f}")
     return "\n".join(lines)
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """Accuracy vs round and accuracy vs cumulative MB, every run on shared axes."""
+    """Accuracy vs round and accuracy vs cumulative MB, every run on shared axes; causal-lm
+    runs (no accuracy) get the same two plots of perplexity."""
+    runs = [_load_rounds(Path(d)) for d in run_dirs]
+    scored = [(label, evaluated_rows(rows)) for label, rows in runs]
+    generative = [(label, rows) for label, rows in scored
+                  if rows and rows[0]["accuracy"] is None]
+    classified = [(label, rows) for label, rows in scored if (label, rows) not in generative]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if classified or not generative:
+        paths += _plot(classified, "accuracy", "test accuracy", out)
+    if generative:
+        paths += _plot(generative, "perplexity", "test perplexity", out)
+    return paths
+
+
+def _plot(runs: Sequence[tuple[str, list[dict]]], key: str, ylabel: str,
+          out: Path) -> list[Path]:
+    """`key` vs round and vs cumulative MB (files `<key>_vs_round.png`, `<key>_vs_mb.png`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [_load_rounds(Path(d)) for d in run_dirs]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for xkey, xlabel, fname in (("round", "round", "accuracy_vs_round.png"),
+    for xkey, xlabel, fname in (("round", "round", f"{key}_vs_round.png"),
                                 ("cumulative_wire_bytes", "cumulative MB on the wire (up + down)",
-                                 "accuracy_vs_mb.png")):
+                                 f"{key}_vs_mb.png")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         for label, rows in runs:
-            rows = evaluated_rows(rows)
             xs = [r[xkey] / (1e6 if xkey != "round" else 1) for r in rows]
-            ax.plot(xs, [r["accuracy"] for r in rows], marker="o", markersize=3, label=label)
+            ax.plot(xs, [r[key] for r in rows], marker="o", markersize=3, label=label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(ylabel)
+        if key == "perplexity":
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -34,6 +34,13 @@ class Encoded:
         return {"input_ids": self.input_ids[rows, :width],
                 "attention_mask": mask[:, :width]}
 
+    def loss(self, logits: torch.Tensor, rows: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of `logits`, the model's output on `batch(rows)`, against the rows'
+        labels (a causal-lm task's rows override this: `causal_lm.LMEncoded`)."""
+        return F.cross_entropy(logits.float(), self.labels[rows].to(logits.device),
+                               reduction=reduction)
+
 
 def encode(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int,
            chunk: int = 1024) -> Encoded:
@@ -86,8 +93,7 @@ def train_local(model: nn.Module, data: Encoded, rows: Sequence[int],
             picked = rows_t[order]
             with compute.autocast():
                 logits = model(**compute.to(data.batch(picked))).logits
-            labels = data.labels[picked]
-            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+            loss = data.loss(logits, picked)
             if accum_steps > 1:
                 loss = loss / accum_steps
             (scaler.scale(loss) if scaler is not None else loss).backward()

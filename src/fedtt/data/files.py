@@ -1,10 +1,11 @@
 """The one reader of a user's own files: CSV/TSV, JSON lines (or a JSON array), parquet, and
 folders saved with datasets' `save_to_disk`.
 
-`load_user_data` reads texts and labels for training (`data.task = <path>`); `read_texts` reads
-texts only, plus plain `.txt` files (one text per line), for `fedtt predict`. Both go through
-the same parsing, so a file means the same thing to either, and every problem raises an error
-that names the file and the line (or row) at fault.
+`load_user_data` reads texts and labels for training (`data.task = <path>`); `load_user_pairs`
+reads prompt/response pairs (and an optional category to partition by) for a causal-lm run;
+`read_texts` reads texts only, plus plain `.txt` files (one text per line), for `fedtt
+predict`. All go through the same parsing, so a file means the same thing to each, and every
+problem raises an error that names the file and the line (or row) at fault.
 """
 
 from __future__ import annotations
@@ -22,11 +23,22 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedtt.data.common import DataError, TaskData, _column, _dataset, _split
+from fedtt.data.common import (
+    DataError,
+    TaskData,
+    _column,
+    _dataset,
+    _pairs,
+    _split,
+    _split_pairs,
+)
 
-# A parsed row: (where, for messages; text; label) with where like "line 7" or "row 3". A
-# text-only read (no label column) has None for every label.
-_Row = tuple[str, Any, Any]
+# A parsed row: (where, for messages; one value per wanted column) with where like "line 7"
+# or "row 3". A value a row lacks is None.
+_Row = tuple[str, tuple[Any, ...]]
+# The columns a read wants, each with its role for messages: [(column, role), ...]. The first
+# is the text (kept exactly as written); the others are None when blank in a CSV.
+_Wanted = list[tuple[str, str]]
 
 _TABLES = ".csv, .tsv, .jsonl, .json, .parquet, or a folder saved with datasets' save_to_disk"
 
@@ -36,7 +48,7 @@ def _missing_column(path: Path, column: str, role: str, present: Sequence[str]) 
                       f"{', '.join(map(str, present)) or '(none)'}")
 
 
-def _wanted(text_col: str, label_col: str | None) -> list[tuple[str, str]]:
+def _wanted(text_col: str, label_col: str | None) -> _Wanted:
     """(column, role) pairs a file must have: the text column, and the label column if any."""
     return [(text_col, "text")] + ([(label_col, "label")] if label_col is not None else [])
 
@@ -61,11 +73,12 @@ def _blank(fields: list[str], *, keep_empty: bool) -> bool:
     return not (keep_empty and fields[0] == "")
 
 
-def _rows_csv(path: Path, text_col: str, label_col: str | None, delimiter: str) -> list[_Row]:
+def _rows_csv(path: Path, wanted: _Wanted, delimiter: str) -> list[_Row]:
     reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter,
                         strict=True)
     rows: list[_Row] = []
     header: list[str] | None = None
+    index: list[int] = []
     start = 1
     while True:
         start = reader.line_num + 1
@@ -75,27 +88,27 @@ def _rows_csv(path: Path, text_col: str, label_col: str | None, delimiter: str) 
             break
         except csv.Error as err:
             raise DataError(f"{path} line {start}: malformed CSV ({err})") from None
-        if _blank(fields, keep_empty=label_col is None and header is not None):
+        if _blank(fields, keep_empty=len(wanted) == 1 and header is not None):
             continue
         if header is None:
             header = [h.strip() for h in fields]
-            for col, role in _wanted(text_col, label_col):
+            for col, role in wanted:
                 if col not in header:
                     raise _missing_column(path, col, role, header)
-            ti = header.index(text_col)
-            li = header.index(label_col) if label_col is not None else None
+            index = [header.index(col) for col, _ in wanted]
             continue
         if len(fields) != len(header):
             raise DataError(f"{path} line {start}: expected {len(header)} fields (as in the "
                              f"header), found {len(fields)}")
-        label = None if li is None or not fields[li].strip() else fields[li]
-        rows.append((f"line {start}", fields[ti], label))
+        values = [fields[index[0]]] + [fields[i] if fields[i].strip() else None
+                                       for i in index[1:]]
+        rows.append((f"line {start}", tuple(values)))
     if header is None:
         raise DataError(f"{path}: the file is empty (no header line)")
     return rows
 
 
-def _rows_jsonl(path: Path, text_col: str, label_col: str | None) -> list[_Row]:
+def _rows_jsonl(path: Path, wanted: _Wanted) -> list[_Row]:
     text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
@@ -118,40 +131,34 @@ def _rows_jsonl(path: Path, text_col: str, label_col: str | None) -> list[_Row]:
             raise DataError(f"{path} {where}: expected a JSON object, got "
                              f"{type(rec).__name__}")
         keys.update(dict.fromkeys(rec))
-    for col, role in _wanted(text_col, label_col):
+    for col, role in wanted:
         if numbered and col not in keys:
             raise _missing_column(path, col, role, list(keys))
-    return [(where, rec.get(text_col), None if label_col is None else rec.get(label_col))
-            for where, rec in numbered]
+    return [(where, tuple(rec.get(col) for col, _ in wanted)) for where, rec in numbered]
 
 
-def _rows_table(path: Path, table: pa.Table | datasets.Dataset, text_col: str,
-                label_col: str | None) -> list[_Row]:
+def _rows_table(path: Path, table: pa.Table | datasets.Dataset, wanted: _Wanted) -> list[_Row]:
     names = list(table.column_names)
-    for col, role in _wanted(text_col, label_col):
+    for col, role in wanted:
         if col not in names:
             raise _missing_column(path, col, role, names)
     if isinstance(table, pa.Table):
-        texts = table.column(text_col).to_pylist()
-        labels = table.column(label_col).to_pylist() if label_col is not None else None
+        columns = [table.column(col).to_pylist() for col, _ in wanted]
     else:
-        texts = _column(table, text_col)
-        labels = _column(table, label_col) if label_col is not None else None
-    if labels is None:
-        labels = [None] * len(texts)
-    return [(f"row {i}", t, v) for i, (t, v) in enumerate(zip(texts, labels, strict=True), 1)]
+        columns = [_column(table, col) for col, _ in wanted]
+    return [(f"row {i}", values) for i, values in enumerate(zip(*columns, strict=True), 1)]
 
 
 def _rows_txt(path: Path) -> list[_Row]:
     """A plain text file: one text per line, blank lines skipped, each line as written."""
-    return [(f"line {i}", line, None)
+    return [(f"line {i}", (line,))
             for i, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
 
 
-def _read_rows(path: Path, text_col: str,
-               label_col: str | None) -> tuple[list[_Row], list[str] | None]:
-    """Rows of a user file, plus label names when the file itself declares them. Without a
-    label column (a text-only read) `.txt` files are accepted too."""
+def _read_columns(path: Path, wanted: _Wanted) -> tuple[list[_Row], list[str] | None]:
+    """Rows of a user file with the `wanted` columns, plus the label names the file itself
+    declares for a column of role "label" (a saved dataset's `ClassLabel`). A read of one
+    column (a text-only read) accepts `.txt` files too."""
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.is_dir():
@@ -163,24 +170,35 @@ def _read_rows(path: Path, text_col: str,
         if isinstance(loaded, datasets.DatasetDict):
             raise DataError(f"{path} holds a DatasetDict with splits {list(loaded)}; pass the "
                              f"folder of one split (e.g. {path / 'train'})")
+        label_col = next((col for col, role in wanted if role == "label"), None)
         feature = loaded.features.get(label_col) if label_col is not None else None
         names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        return _rows_table(path, loaded, text_col, label_col), names
+        return _rows_table(path, loaded, wanted), names
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _rows_csv(path, text_col, label_col, "\t" if suffix == ".tsv" else ","), None
+        return _rows_csv(path, wanted, "\t" if suffix == ".tsv" else ","), None
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return _rows_jsonl(path, text_col, label_col), None
+        return _rows_jsonl(path, wanted), None
     if suffix in (".parquet", ".pq"):
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as err:
             raise DataError(f"{path}: not a readable parquet file ({err})") from None
-        return _rows_table(path, table, text_col, label_col), None
-    if suffix == ".txt" and label_col is None:
+        return _rows_table(path, table, wanted), None
+    if suffix == ".txt" and len(wanted) == 1:
         return _rows_txt(path), None
-    kinds = f".txt, {_TABLES}" if label_col is None else _TABLES
+    kinds = f".txt, {_TABLES}" if len(wanted) == 1 else _TABLES
     raise DataError(f"{path}: unknown file type {path.suffix!r}; use {kinds}")
+
+
+def _read_rows(path: Path, text_col: str,
+               label_col: str | None) -> tuple[list[tuple[str, Any, Any]], list[str] | None]:
+    """Rows (where, text, label) of a user file, plus label names when the file itself
+    declares them. Without a label column (a text-only read) every label is None and `.txt`
+    files are accepted too."""
+    rows, names = _read_columns(path, _wanted(text_col, label_col))
+    return [(where, values[0], values[1] if label_col is not None else None)
+            for where, values in rows], names
 
 
 def _bad_text(path: Path, where: str, text_col: str, text: Any) -> DataError:
@@ -189,7 +207,7 @@ def _bad_text(path: Path, where: str, text_col: str, text: Any) -> DataError:
     return DataError(f"{path} {where}: text column {text_col!r} is {what}")
 
 
-def _check_rows(path: Path, rows: list[_Row], text_col: str,
+def _check_rows(path: Path, rows: list[tuple[str, Any, Any]], text_col: str,
                 label_col: str) -> tuple[list[str], list[int | str]]:
     texts: list[str] = []
     labels: list[int | str] = []
@@ -275,3 +293,53 @@ def load_user_data(path: str | os.PathLike[str], *, text_column: str = "text",
     else:
         train, test = _split(*encoded[0], test_fraction, seed)
     return TaskData(Path(path).stem or str(path), train, test, label_names)
+
+
+def load_user_pairs(path: str | os.PathLike[str], *, prompt_column: str = "prompt",
+                    response_column: str = "response", category_column: str = "",
+                    test_path: str | os.PathLike[str] | None = None,
+                    test_fraction: float = 0.2, seed: int = 0) -> TaskData:
+    """Prompt/response pairs for a causal-lm run, from the same files `load_user_data` reads.
+
+    With `category_column`, each row's value there (any string or number) is its category:
+    the sorted distinct values (as strings) become the label names, and partitioning can skew
+    by them (dirichlet, pathological); the split is stratified by them. Without one, every
+    row is in the single category "all". Problems raise `DataError` naming the file and the
+    row or column (a missing column lists the columns present), like `load_user_data`.
+    """
+    wanted = [(prompt_column, "prompt"), (response_column, "response")]
+    if category_column:
+        wanted.append((category_column, "partition value"))
+    files = [Path(path)] + ([Path(test_path)] if test_path is not None else [])
+    parsed: list[tuple[list[str], list[str], list[str]]] = []
+    for f in files:
+        rows, _ = _read_columns(f, wanted)
+        if not rows:
+            raise DataError(f"{f}: no data rows")
+        prompts, responses, categories = [], [], []
+        for where, values in rows:
+            for (col, role), value in zip(wanted[:2], values, strict=False):
+                if not isinstance(value, str) or not value.strip():
+                    what = "missing" if value is None else "empty" if isinstance(value, str) \
+                        else f"not a string ({type(value).__name__})"
+                    raise DataError(f"{f} {where}: {role} column {col!r} is {what}")
+            category = values[2] if category_column else "all"
+            if category is None or isinstance(category, bool | dict | list) or (
+                    isinstance(category, float) and (math.isnan(category)
+                                                     or not category.is_integer())):
+                raise DataError(f"{f} {where}: partition column {category_column!r} is "
+                                f"{'missing' if category is None else repr(category)}; it "
+                                "needs a category (a string or an integer)")
+            prompts.append(values[0])
+            responses.append(values[1])
+            categories.append(str(int(category)) if isinstance(category, float)
+                              else str(category).strip())
+        parsed.append((prompts, responses, categories))
+    names = sorted({c for _, _, cats in parsed for c in cats})
+    index = {c: i for i, c in enumerate(names)}
+    encoded = [(p, r, [index[c] for c in cats]) for p, r, cats in parsed]
+    if len(encoded) == 2:
+        train, test = (_pairs(*triple) for triple in encoded)
+    else:
+        train, test = _split_pairs(*encoded[0], test_fraction, seed)
+    return TaskData(Path(path).stem or str(path), train, test, names, kind="causal-lm")

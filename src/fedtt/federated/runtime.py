@@ -1,7 +1,8 @@
 """What both Flower apps need, built once per process from the run config and then reused.
 
-One frozen backbone with the method's adapters, the tokenised task, the client partitions
-and the initial trainable tensors. In-process runs share one `Runtime` between the ServerApp
+One frozen backbone with the method's adapters, the tokenised task (classification, or a
+causal-lm task's prompt/response pairs: `fedtt.causal_lm`), the client partitions and the
+initial trainable tensors. In-process runs share one `Runtime` between the ServerApp
 and every simulated client: a client costs its adapter tensors, never a model copy.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedtt import backbone, devices, privacy, tt
+from fedtt import backbone, causal_lm, devices, privacy, tt
 from fedtt import data as fdata
 from fedtt.config import RunConfig, apply
 from fedtt.methods import core_groups, largest_core_rank
@@ -71,6 +72,7 @@ class Runtime:
             cfg.training.device if device is None else device, cfg.model.dtype,
             device_key="training.device" if device is None else "the node config's device")
         task = load_task_data(cfg)
+        self.kind = task.kind  # classification or causal-lm
         self.label_names = task.label_names
         self.num_labels = task.num_labels
         train = sample_rows(task.train, cfg.data.max_train_examples, seed)
@@ -90,12 +92,22 @@ class Runtime:
         # model.head = "verbalizer": prompts, and the labels scored by the LM head
         self.verbalizer = backbone.verbalizer_for(cfg, self.tokenizer, self.label_names)
         length = cfg.model.max_length
-        self.train_data: Encoded = backbone.encode(self.tokenizer, train["text"], train["label"],
-                                                   length, self.verbalizer)
-        self.test_data: Encoded = backbone.encode(self.tokenizer, test["text"], test["label"],
-                                                  length, self.verbalizer)
-        self.val_data: Encoded | None = None if val is None else backbone.encode(
-            self.tokenizer, val["text"], val["label"], length, self.verbalizer)
+        # causal-lm: the chat template, and the held-out prompts generated from each eval
+        self.chat: causal_lm.ChatFormat | None = None
+        self.sample_prompts: list[str] = []
+        if self.kind == "causal-lm":
+            self.chat = causal_lm.ChatFormat.build(self.tokenizer)
+            self.sample_prompts = list(test["prompt"][:cfg.data.generations])
+
+            def enc(ds) -> Encoded:
+                return self.chat.encode(self.tokenizer, ds["prompt"], ds["response"], length)
+        else:
+            def enc(ds) -> Encoded:
+                return backbone.encode(self.tokenizer, ds["text"], ds["label"], length,
+                                       self.verbalizer)
+        self.train_data: Encoded = enc(train)
+        self.test_data: Encoded = enc(test)
+        self.val_data: Encoded | None = None if val is None else enc(val)
 
         self.method = cfg.make_method()
         self.model = backbone.build_model(cfg, self.method, self.num_labels,
@@ -256,22 +268,37 @@ class Runtime:
         self.set_trainable(self.trainable)
         return loss, len(rows)
 
+    def _evaluate(self, data: Encoded, rows: Sequence[int] | None = None) -> dict[str, float]:
+        """Classification: accuracy, loss, macro_f1; causal-lm: loss and perplexity."""
+        if self.kind == "causal-lm":
+            return causal_lm.evaluate_lm(self.model, data, rows,
+                                         batch_size=self.cfg.training.eval_batch_size,
+                                         compute=self.compute)
+        return evaluate(self.model, data, rows, batch_size=self.cfg.training.eval_batch_size,
+                        num_labels=self.num_labels, compute=self.compute)
+
     def evaluate_global(self) -> dict[str, float]:
         """The loaded model on the test split, and (`val_*`) on the validation split."""
-        def on(data: Encoded) -> dict[str, float]:
-            return evaluate(self.model, data, batch_size=self.cfg.training.eval_batch_size,
-                            num_labels=self.num_labels, compute=self.compute)
-
-        metrics = on(self.test_data)
+        metrics = self._evaluate(self.test_data)
         if self.val_data is not None:
-            metrics.update({f"val_{k}": v for k, v in on(self.val_data).items()})
+            metrics.update({f"val_{k}": v for k, v in self._evaluate(self.val_data).items()})
         return metrics
 
     def evaluate_client(self, partition_id: int) -> tuple[dict[str, float], int]:
         rows = self.test_partitions[partition_id]
-        return (evaluate(self.model, self.test_data, rows,
-                         batch_size=self.cfg.training.eval_batch_size,
-                         num_labels=self.num_labels, compute=self.compute), len(rows))
+        return self._evaluate(self.test_data, rows), len(rows)
+
+    def generate_samples(self) -> list[dict[str, str]]:
+        """causal-lm: the loaded model's greedy outputs for the fixed held-out prompts."""
+        if self.chat is None or not self.sample_prompts:
+            return []
+        outputs = causal_lm.generate(self.model, self.tokenizer, self.chat,
+                                     self.sample_prompts,
+                                     max_new_tokens=self.cfg.model.max_new_tokens,
+                                     max_length=self.cfg.model.max_length,
+                                     compute=self.compute)
+        return [{"prompt": p, "output": o}
+                for p, o in zip(self.sample_prompts, outputs, strict=True)]
 
 
 def _host(param: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,12 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
             with rt.lock:
                 rt.load({**rt.initial, **strategy.global_state})  # the float32 master
                 metrics = rt.evaluate_global()
-        record.update(metrics)  # accuracy, loss, macro_f1 (and val_* with a validation split)
+                samples = rt.generate_samples()  # causal-lm: greedy outputs, fixed prompts
+            if samples:
+                recorder.generations(server_round, samples)
+        # accuracy, loss, macro_f1 (and val_* with a validation split); causal-lm: loss,
+        # perplexity, the accuracies left null
+        record.update(metrics)
         record.eval_seconds = time.perf_counter() - eval_start
         state["cumulative"] += record.upload_bytes + record.download_bytes
         state["cumulative_wire"] += record.upload_wire_bytes + record.download_wire_bytes
@@ -143,8 +148,11 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
         state["last"] = now
         if server_round > 0:
             progress.update(1)
-            if due and metrics["accuracy"] is not None:
+            if due and metrics.get("accuracy") is not None:
                 progress.set_postfix(acc=f"{metrics['accuracy']:.3f}",
+                                     MB=f"{state['cumulative_wire'] / 1e6:.2f}")
+            elif due and metrics.get("perplexity") is not None:
+                progress.set_postfix(ppl=f"{metrics['perplexity']:.3g}",
                                      MB=f"{state['cumulative_wire'] / 1e6:.2f}")
 
     def after_round(server_round: int) -> None:
@@ -172,6 +180,7 @@ def run(grid: Grid, context: Context, clients: ClientStore | None = None) -> dic
         "status": "stopped" if stopped else "completed",
         "stop_reason": str(stopped) if stopped else None, "stopped_round": failed_round,
         "method": rt.method.name, "model": cfg.model.name, "task": cfg.data.task,
+        "kind": rt.kind,
         "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
         "trainable_params": trainable, "seed": cfg.training.seed,
         "travelling_params": sum(rt.params[n].numel() for n in rt.sent),

@@ -71,7 +71,8 @@ TRAIN_METRICS = {"train_loss": (0.0, 1e6, False), "train_seconds": (0.0, 1e7, Fa
 # A masked reply (secure aggregation) reports no example count or loss: they travel masked.
 SECURE_TRAIN_METRICS = {k: v for k, v in TRAIN_METRICS.items() if k != "train_loss"}
 EVALUATE_METRICS = {"local_accuracy": (0.0, 1.0, False), "local_macro_f1": (0.0, 1.0, False),
-                    "local_loss": (0.0, 1e6, False)}
+                    "local_loss": (0.0, 1e6, False),
+                    "local_perplexity": (1.0, 1e300, False)}  # causal-lm
 
 
 def check_masked_metrics(content: RecordDict, num_partitions: int
