@@ -187,8 +187,10 @@ def epochs(rec: dict) -> float:
     return f["rounds"] * t.get("local_steps", 10) * t.get("batch_size", 32) / rows
 
 
-def draw(recs: dict[str, dict[int, dict]], path: Path, title: str) -> Path | None:
-    """Mean test accuracy against rounds and against cumulative wire MB, one line a cell."""
+def draw(recs: dict[str, dict[int, dict]], path: Path, title: str,
+         key: str = "accuracy") -> Path | None:
+    """Mean test `key` (accuracy, or a causal-LM run's loss) against rounds and against
+    cumulative wire MB, one line a cell."""
     if not any(recs.values()):
         return None
     import matplotlib
@@ -201,9 +203,9 @@ def draw(recs: dict[str, dict[int, dict]], path: Path, title: str) -> Path | Non
         if not got:
             continue
         runs = list(got.values())
-        rows = [[r for r in run["rounds"] if r["accuracy"] is not None] for run in runs]
+        rows = [[r for r in run["rounds"] if r.get(key) is not None] for run in runs]
         n = min(map(len, rows))
-        acc = [statistics.mean(rr[i]["accuracy"] for rr in rows) for i in range(n)]
+        acc = [statistics.mean(rr[i][key] for rr in rows) for i in range(n)]
         rounds = [rows[0][i]["round"] for i in range(n)]
         mb = [statistics.mean(rr[i]["cumulative_wire_bytes"] for rr in rows) / 1e6
               for i in range(n)]
@@ -212,7 +214,7 @@ def draw(recs: dict[str, dict[int, dict]], path: Path, title: str) -> Path | Non
     axes[0].set_xlabel("round")
     axes[1].set_xlabel("cumulative MB on the wire (up + down, all clients)")
     for ax in axes:
-        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.set_ylabel(f"test {key} (mean over seeds)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -221,6 +223,41 @@ def draw(recs: dict[str, dict[int, dict]], path: Path, title: str) -> Path | Non
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def generative_section(results: Path, title: str, cells: dict[str, str], base: str,
+                       img: Path, stem: str) -> list[str]:
+    """Causal-LM cells: held-out loss and perplexity (mean of the last two evaluations),
+    paired loss differences against `base`, loss against rounds and cumulative wire MB."""
+    recs = {label: records(results, name) for label, name in cells.items()}
+    lines = [f"### {title}", "", "| cell | seeds | rate | held-out loss | perplexity | "
+             "upload wire KB per client per round |", "|---|---|---|---|---|---|"]
+    for label, name in cells.items():
+        got = recs[label]
+        if not got:
+            lines.append(f"| {label} | pending: `python experiments/run.py --only '{name}'` "
+                         "| | | | |")
+            continue
+        losses = [runner.score(r["rounds"], "loss") for r in got.values()]
+        mean, half = interval(losses)
+        up = statistics.mean(upload_wire_per_client(r) for r in got.values())
+        spread = "" if math.isnan(half) else f" ± {half:.3f}"
+        lines.append(f"| {label} | {len(got)} | {next(iter(got.values()))['lr']:g} | "
+                     f"{mean:.3f}{spread} | {math.exp(mean):.2f} | {up / 1e3:,.1f} |")
+    lines.append("")
+    for label in cells:
+        seeds = sorted(set(recs[label]) & set(recs[base]))
+        if label == base or not seeds:
+            continue
+        mean, half = interval([runner.score(recs[label][s]["rounds"], "loss")
+                               - runner.score(recs[base][s]["rounds"], "loss") for s in seeds])
+        spread = "one seed" if math.isnan(half) else f"± {half:.3f}"
+        lines.append(f"- {label} − {base}, held-out loss: {mean:+.3f} ({spread}; seeds "
+                     f"{', '.join(map(str, seeds))}; lower is better)")
+    path = draw(recs, img / f"{stem}.png", title, key="loss")
+    if path:
+        lines += ["", f"![{title}](img/{path.name})"]
+    return lines + [""]
 
 
 def selection_section(results: Path) -> list[str]:
@@ -233,7 +270,8 @@ def selection_section(results: Path) -> list[str]:
         scores = runner.selection_scores(name)
         if scores:
             best = max(scores, key=scores.get)
-            grid = ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in sorted(scores.items()))
+            grid = ", ".join(f"{lr:g}: " + (f"loss {-v:.3f}" if v < 0 else f"{100 * v:.1f}")
+                             for lr, v in sorted(scores.items()))
             lines.append(f"| {name} | {grid} | {best:g} |")
     return lines + [""]
 
@@ -283,6 +321,11 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                                      "LoRA r=8": "c5-cross-device/movie-reviews-lora-a0.5"},
                     [("FedTT", "LoRA r=8")], 0.01, "FedTT within 1 point of LoRA, or better, "
                     "with clients sampled and stateless.", img, "c5")
+    c6 = generative_section(
+        results, "C6 instruction tuning, SmolLM2-135M-Instruct, ShareGPT, IID, 3 clients",
+        {label: f"c6-instruction/sharegpt-{key}-iid" for label, key in (
+            ("FedTT", "fedtt"), ("LoRA r=8", "lora"), ("FFA-LoRA", "ffa-lora"))},
+        "LoRA r=8", img, "c6")
     c1, _ = plan_section()
     lines = ["# Results", "",
              "Generated by `python experiments/run.py --report` from `results/` (records of "
@@ -292,5 +335,10 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
              "## C4: local differential privacy", "",
              "Poisson sampling at an expected batch of 128, 100 DP-SGD steps per client; the "
              "rate is selected under DP (at ε=6) on validation.", "", *c4,
-             "## C5: cross-device", "", *c5, *selection_section(results)]
+             "## C5: cross-device", "", *c5,
+             "## C6: generative fine-tuning (causal LM)", "",
+             "Held-out loss on the response tokens (mean of the last two evaluations) and its "
+             "perplexity; each run's record keeps the greedy outputs of its last evaluation "
+             "for three fixed held-out prompts. The rate is selected by validation loss.", "",
+             *c6, *selection_section(results)]
     doc.write_text("\n".join(lines) + "\n")

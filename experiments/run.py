@@ -11,6 +11,10 @@ Each `experiments/<group>/<name>.toml` is a complete `fedtt run` config plus an 
 - `select`: the config (group/name) whose validation accuracy chooses this cell's learning
   rate (default: the cell itself). A cell that sets `training.lr` is not tuned.
 - `seeds`: how many seeds to run (default `len(SEEDS)`).
+- `grid`: the learning rates to try first (default `LR_GRID`).
+
+A causal-LM cell (`data.kind`, or a built-in generative task such as sharegpt) is chosen and
+reported by held-out loss (lower is better) instead of accuracy.
 
 Protocol: every config holds out `data.val_fraction` of its training rows (seeded) as a
 validation split. The rate is chosen from `LR_GRID` by the score of one run per rate with
@@ -50,7 +54,8 @@ LR_GRID = (2e-3, 5e-3, 1e-2, 2e-2)
 MAX_EXTENSIONS = 2
 SELECT_SEED = 100
 SEEDS = (0, 1, 2, 3)
-KEEP = ("round", "accuracy", "loss", "macro_f1", "val_accuracy", "val_loss", "upload_bytes",
+KEEP = ("round", "accuracy", "loss", "macro_f1", "perplexity", "val_accuracy", "val_loss",
+        "val_perplexity", "upload_bytes",
         "download_bytes", "cumulative_bytes", "upload_wire_bytes", "download_wire_bytes",
         "cumulative_wire_bytes", "clients", "epsilon", "train_loss", "aggregation_gap",
         "clients_out_of_budget", "clipped", "failed", "rejected", "seconds")
@@ -86,6 +91,23 @@ def fedtt_toml(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generative(config: dict) -> bool:
+    """Whether a config (as written) is a causal-LM run."""
+    from fedtt.config import RunConfig, apply, task_kind
+
+    data = {k: v for k, v in config.get("data", {}).items()}
+    return task_kind(apply(RunConfig(), {"data": data})) == "causal-lm"
+
+
+def selection_score(rec: dict) -> float | None:
+    """How a selection run ranks (higher is better): validation accuracy, or minus the
+    validation loss for a causal-LM run."""
+    if generative(rec["config"]):
+        loss = score(rec["rounds"], "val_loss")
+        return None if loss is None else -loss
+    return score(rec["rounds"], "val_accuracy")
+
+
 def score(rounds: list[dict], key: str) -> float | None:
     """Mean of the last two evaluations of `key` (None before any)."""
     values = [r[key] for r in rounds if r.get(key) is not None]
@@ -110,7 +132,15 @@ def make_record(name: str, out: Path, seed: int, lr: float) -> dict:
             "summary": {k: v for k, v in summary.items() if k != "versions"},
             "versions": summary.get("versions", {}),
             "rounds": [{k: r.get(k) for k in KEEP if k in r} for r in rows],
-            "label_counts": json.loads((out / "label_counts.json").read_text())["counts"]}
+            "label_counts": json.loads((out / "label_counts.json").read_text())["counts"],
+            "generations": _last_generations(out)}
+
+
+def _last_generations(out: Path) -> list[dict]:
+    """The greedy outputs of a causal-LM run's last evaluation (none for classification)."""
+    path = out / "generations.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return json.loads(lines[-1])["generations"] if lines else []
 
 
 def write_record(path: Path, data: dict, commit: bool) -> None:
@@ -185,7 +215,7 @@ def run_jobs(jobs: list[Job], workers: int, commit: bool) -> list[str]:
 
 def select_rate(name: str, workers: int, commit: bool) -> tuple[float | None, list[str]]:
     """The rate for config `name` chosen on validation (None if its runs failed)."""
-    grid, failed = list(LR_GRID), []
+    grid, failed = list(evidence(name).get("grid", LR_GRID)), []
     for _ in range(MAX_EXTENSIONS + 1):
         failed += run_jobs([Job(name, SELECT_SEED, lr, record_path(name, lr=lr))
                             for lr in grid], workers, commit)
@@ -207,7 +237,7 @@ def selection_scores(name: str) -> dict[float, float]:
     out = {}
     for path in sorted((RESULTS / "select" / name).glob("lr*.json")):
         rec = read_record(path)
-        value = score(rec["rounds"], "val_accuracy")
+        value = selection_score(rec)
         if value is not None:
             out[rec["lr"]] = value
     return out

@@ -160,19 +160,21 @@ def generate(model: nn.Module, tokenizer, fmt: ChatFormat, prompts: Sequence[str
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     out = []
     for prompt in prompts:
-        ids = torch.tensor([fmt.prompt_ids(tokenizer, prompt, max_length)], dtype=torch.long)
-        new: list[int] = []
+        ids = fmt.prompt_ids(tokenizer, prompt, max_length)
+        step = torch.tensor([ids], dtype=torch.long)  # the whole prompt, then one token
+        past, new = None, []  # the key/value cache: each step feeds only the new token
         for _ in range(max_new_tokens):
-            if positions is not None and ids.shape[1] >= positions:
+            if positions is not None and len(ids) + len(new) >= positions:
                 break
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             with compute.autocast():
-                logits = model(**compute.to(batch)).logits
-            token = int(logits[0, -1].float().argmax())
+                output = model(**compute.to({"input_ids": step}), past_key_values=past,
+                               use_cache=True)
+            past = output.past_key_values
+            token = int(output.logits[0, -1].float().argmax())
             if token in fmt.end:
                 break
             new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]], dtype=torch.long)], dim=1)
+            step = torch.tensor([[token]], dtype=torch.long)
         out.append(decode(tokenizer, new))
     return out
 
