@@ -151,20 +151,28 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
                margin: float, claim: str, img: Path, stem: str) -> list[str]:
     """A table of cells (label -> config name), paired differences with verdicts, plots."""
     recs = {label: records(results, name) for label, name in cells.items()}
-    lines = [f"### {title}", "", "| cell | seeds | rate | test accuracy (%) | upload wire KB per "
-             "client per round | epochs per client |", "|---|---|---|---|---|---|"]
+    spent = [statistics.mean(r["rounds"][-1]["cumulative_wire_bytes"] for r in got.values())
+             for got in recs.values() if got]
+    budget = min(spent) if spent else 0.0  # the fewest bytes any finished cell sent
+    lines = [f"### {title}", "", "| cell | seeds | rate | test accuracy (%) | accuracy (%) at "
+             f"{budget / 1e6:.1f} MB | upload wire KB per client per round | epochs per client |",
+             "|---|---|---|---|---|---|---|"]
     for label, name in cells.items():
         got = recs[label]
         if not got:
             lines.append(f"| {label} | pending: `python experiments/run.py --only '{name}'` "
-                         "| | | | |")
+                         "| | | | | |")
             continue
         mean, half = interval([test_score(r) for r in got.values()])
+        at = interval([accuracy_within(r, budget) for r in got.values()])
         first = next(iter(got.values()))
         up = statistics.mean(upload_wire_per_client(r) for r in got.values())
         lines.append(f"| {label} | {len(got)} | {first['lr']:g} | {pct(mean, half)} | "
-                     f"{up / 1e3:,.1f} | {epochs(first):.1f} |")
-    lines += ["", f"Claim: {claim}", ""]
+                     f"{pct(*at)} | {up / 1e3:,.1f} | {epochs(first):.1f} |")
+    lines += ["", f"Claim: {claim}", "", "*Accuracy at N MB*: each run's last evaluation before "
+              "its cumulative wire bytes (all clients, both ways) passed N, the total of the "
+              "cell that sent the least: the accuracy each method buys with the same bytes.",
+              ""]
     for a, b in pairs:
         got = paired(recs[a], recs[b])
         if got is None:
@@ -177,6 +185,13 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
     if path:
         lines += ["", f"![{title}](img/{path.name})"]
     return lines + [""]
+
+
+def accuracy_within(rec: dict, budget: float) -> float:
+    """Test accuracy of the run's last evaluation within `budget` cumulative wire bytes."""
+    within = [r["accuracy"] for r in rec["rounds"]
+              if r["accuracy"] is not None and r["cumulative_wire_bytes"] <= budget * 1.0001]
+    return within[-1]
 
 
 def epochs(rec: dict) -> float:
