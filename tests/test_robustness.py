@@ -40,8 +40,8 @@ def test_fuzz_malformed_replies_are_rejected_without_harm(expected_global, mutat
                server.reply(1, server.valid(1, 1))]
     server.strategy.aggregate_train(1, replies)
     stats = server.strategy.stats[1]
-    assert len(stats["rejected"]) == 1 and stats["rejected"][0]["reason"]
-    assert sorted(stats["clients"]) == [0, 1]
+    assert len(stats.rejected) == 1 and stats.rejected[0]["reason"]
+    assert sorted(stats.clients) == [0, 1]
     for name, value in expected_global.items():
         assert torch.equal(server.strategy.global_state[name], value), name
     assert any(r.get("rejected") for r in server.rows)

@@ -235,6 +235,6 @@ def _read_manifest(path: Path) -> dict:
                           f"{manifest['kind']!r}")
     fewest = 1 if manifest.get("kind") == "causal-lm" else 2  # causal-lm: its categories
     if len(labels) < fewest or not all(isinstance(x, str) for x in labels):
-        raise ExportError(f"{path}: label_names must be {fewest} or more strings, got "
-                          f"{labels!r}")
+        raise ExportError(f"{path}: label_names must be {('one', 'two')[fewest - 1]} or more "
+                          f"strings, got {labels!r}")
     return manifest
