@@ -75,3 +75,15 @@ def test_plan_counts_bytes_at_the_wire_precision(precision, factor):
     for name, row in half["methods"].items():
         assert row["upload_params"] == full["methods"][name]["upload_params"] > 0
         assert row["upload_bytes"] * factor == full["methods"][name]["upload_bytes"]
+
+
+@pytest.mark.parametrize("sets", [{"data.task": "sharegpt"},
+                                  {"model.head": "verbalizer", "data.task": "synthetic"}])
+def test_plan_prices_a_decoder_run_without_a_classification_head(sets):
+    from fedtt.config import from_flat
+
+    run = from_flat({"model.name": "arch:tiny-llama", **sets})
+    classifier = plan("arch:tiny-llama", ["fedtt", "lora"])["methods"]
+    decoder = plan("arch:tiny-llama", ["fedtt", "lora"], run=run)["methods"]
+    for name in ("fedtt", "lora"):  # the 2-label score head (2 x hidden) no longer travels
+        assert 0 < decoder[name]["upload_params"] < classifier[name]["upload_params"]

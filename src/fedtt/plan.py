@@ -89,7 +89,7 @@ def plan(model_spec: str, methods: Sequence[str], adapter: AdapterConfig | None 
                  "methods": {}}
     for name in methods:
         method = run.make_method(name)
-        model = method.build(load_model(model_spec, num_labels), seed=0)
+        model = method.build(_model(model_spec, num_labels, run), seed=0)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         up, down, bound = round_sets(model, method, server_round)
         up_params, up_bytes = tensor_bytes(model, up, precision)
@@ -131,15 +131,21 @@ def secagg_cost(run: RunConfig, upload_values: int, download_wire: int) -> dict:
             "client_seconds": cost["client_seconds"], "server_seconds": cost["server_seconds"]}
 
 
+def _model(spec: str, num_labels: int, run: RunConfig):
+    """The backbone a run of `run` trains, as `backbone.build_model` loads it: a causal LM
+    without a new head for a causal-lm task or the verbalizer head, else a classifier."""
+    generative = task_kind(run) == "causal-lm"
+    return load_model(spec, num_labels, causal=generative or run.model.head == "verbalizer",
+                      generative=generative)
+
+
 def baseline_wire_bytes(cfg: RunConfig, rounds: Sequence[dict], num_labels: int,
                         baseline: str = BASELINE) -> int:
     """What `baseline` would have put on the wire for the same clients and rounds: each
     round's participants times one train message and its reply (`wire_bytes`, round 1 then
     round 2's size, which repeats for methods that train everything each round)."""
     method = cfg.make_method(baseline)
-    generative = task_kind(cfg) == "causal-lm"  # a causal LM, no classification head
-    model = method.build(load_model(cfg.model.name, num_labels, causal=generative,
-                                    generative=generative), seed=0)
+    model = method.build(_model(cfg.model.name, num_labels, cfg), seed=0)
     sent = method.sent_names(model)
     per_round = {}
     for r in (1, 2):
