@@ -82,7 +82,8 @@ def protocol() -> list[str]:
         "",
         "- **Selection on validation only.** Every run holds out `data.val_fraction` = 10% of "
         "its training rows (seeded) as a validation split. Each method's learning rate is "
-        f"chosen per task from {', '.join(f'{x:g}' for x in runner.LR_GRID)} by one run per "
+        f"chosen per task from {', '.join(f'{x:g}' for x in runner.LR_GRID)} (or the grid "
+        "its config names, listed under Selection) by one run per "
         f"rate with seed {runner.SELECT_SEED} (a seed no reported run uses), scored by the mean "
         "of its last two validation accuracies; a best rate at an edge of the grid extends "
         f"it by a factor of 2 on that side (at most {runner.MAX_EXTENSIONS} times). The test "

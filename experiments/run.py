@@ -213,23 +213,27 @@ def run_jobs(jobs: list[Job], workers: int, commit: bool) -> list[str]:
     return failed
 
 
-def select_rate(name: str, workers: int, commit: bool) -> tuple[float | None, list[str]]:
-    """The rate for config `name` chosen on validation (None if its runs failed)."""
-    grid, failed = list(evidence(name).get("grid", LR_GRID)), []
-    for _ in range(MAX_EXTENSIONS + 1):
+def select_rates(names: list[str], workers: int,
+                 commit: bool) -> tuple[dict[str, float | None], list[str]]:
+    """The rate of each config in `names` chosen on validation (None where its runs failed).
+    The grids of all configs run together, so no worker idles between configs."""
+    grids = {name: list(evidence(name).get("grid", LR_GRID)) for name in names}
+    rates: dict[str, float | None] = {}
+    failed: list[str] = []
+    for attempt in range(MAX_EXTENSIONS + 1):
         failed += run_jobs([Job(name, SELECT_SEED, lr, record_path(name, lr=lr))
-                            for lr in grid], workers, commit)
-        scores = selection_scores(name)
-        if not scores:
-            return None, failed
-        best = max(scores, key=scores.get)
-        if best == min(grid):
-            grid = [best / 2] + grid
-        elif best == max(grid):
-            grid = grid + [best * 2]
-        else:
-            return best, failed
-    return best, failed
+                            for name, grid in grids.items() for lr in grid], workers, commit)
+        for name, grid in list(grids.items()):
+            scores = selection_scores(name)
+            best = max(scores, key=scores.get) if scores else None
+            if best is not None and attempt < MAX_EXTENSIONS and best in (min(grid), max(grid)):
+                grid[:] = [best / 2] + grid if best == min(grid) else grid + [best * 2]
+                continue
+            rates[name] = best
+            del grids[name]
+        if not grids:
+            break
+    return rates, failed
 
 
 def selection_scores(name: str) -> dict[float, float]:
@@ -258,13 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         names = configs(args.only)
         if not names:
             parser.error(f"no experiment config matches {args.only}")
-        rates: dict[str, float | None] = {}
-        for name in names:  # every cell's rate first, then seeds
-            given = load(name).get("training", {}).get("lr")
-            select = evidence(name).get("select", name)
-            if given is None and select not in rates:
-                rates[select], more = select_rate(select, args.workers, args.commit)
-                failed += more
+        to_select = dict.fromkeys(  # every cell's rate first, then seeds
+            evidence(name).get("select", name) for name in names
+            if load(name).get("training", {}).get("lr") is None)
+        rates, failed = select_rates(list(to_select), args.workers, args.commit)
         jobs = []
         for i in range(len(SEEDS)):  # every cell's first seed before any cell's second
             for name in names:
