@@ -149,14 +149,17 @@ def plan_section() -> tuple[list[str], dict]:
 
 
 def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tuple[str, str]],
-               margin: float, claim: str, img: Path, stem: str) -> list[str]:
-    """A table of cells (label -> config name), paired differences with verdicts, plots."""
+               margin: float, claim: str, img: Path, stem: str,
+               verdicts: list[dict] | None = None) -> list[str]:
+    """A table of cells (label -> config name), paired differences with verdicts, plots.
+    Each pair's outcome is also appended to `verdicts` (for the summary)."""
     recs = {label: records(results, name) for label, name in cells.items()}
     spent = [statistics.mean(r["rounds"][-1]["cumulative_wire_bytes"] for r in got.values())
              for got in recs.values() if got]
     budget = min(spent) if spent else 0.0  # the fewest bytes any finished cell sent
-    lines = [f"### {title}", "", "| cell | seeds | rate | test accuracy (%) | accuracy (%) at "
-             f"{budget / 1e6:.1f} MB | upload wire KB per client per round | epochs per client |",
+    at_budget = f"at {budget / 1e6:.1f} MB" if budget else "at equal bytes"
+    lines = [f"### {title}", "", "| cell | seeds | rate | test accuracy (%) | accuracy (%) "
+             f"{at_budget} | upload wire KB per client per round | epochs per client |",
              "|---|---|---|---|---|---|---|"]
     for label, name in cells.items():
         got = recs[label]
@@ -178,10 +181,15 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
         got = paired(recs[a], recs[b])
         if got is None:
             lines.append(f"- {a} − {b}: pending")
-            continue
-        seeds, mean, half = got
-        lines.append(f"- {a} − {b}: {pct(mean, half)} points over seeds "
-                     f"{', '.join(map(str, seeds))}: **{verdict(mean, half, margin)}**")
+            outcome = {"difference": "", "seeds": 0, "verdict": "pending"}
+        else:
+            seeds, mean, half = got
+            outcome = {"difference": pct(mean, half), "seeds": len(seeds),
+                       "verdict": verdict(mean, half, margin)}
+            lines.append(f"- {a} − {b}: {pct(mean, half)} points over seeds "
+                         f"{', '.join(map(str, seeds))}: **{outcome['verdict']}**")
+        if verdicts is not None:
+            verdicts.append({"where": title, "pair": f"{a} − {b}", **outcome})
     path = draw(recs, img / f"{stem}.png", title)
     if path:
         lines += ["", f"![{title}](img/{path.name})"]
@@ -276,6 +284,62 @@ def generative_section(results: Path, title: str, cells: dict[str, str], base: s
     return lines + [""]
 
 
+def summary_section(c1: dict, verdicts: list[dict]) -> list[str]:
+    """Every claim's verdict in one table, each linked to its section below."""
+    lines = ["## Summary", "", "Differences are paired by seed, in accuracy points, with 95% "
+             "intervals; *inside the noise* means the interval holds both signs of the claim. "
+             "Controls and ablations are in their sections.", "",
+             "| claim | where | comparison | difference | seeds | verdict |",
+             "|---|---|---|---|---|---|"]
+    for model in PLAN_MODELS[1:]:
+        tt, plus = c1[(model, "loretta")]
+        lines += [f"| C1 bytes ≥ 10x | {model}, paper's adapter, `fedtt plan` | LoRA r=8 / "
+                  f"FedTT | {tt:.1f}x | | {'met' if tt >= 10 else 'not met'} |",
+                  f"| C1 bytes ≥ 15x | {model}, paper's adapter, `fedtt plan` | LoRA r=8 / "
+                  f"FedTT+ | {plus:.1f}x | | {'met' if plus >= 15 else 'not met'} |"]
+    for v in verdicts:
+        claim = v["where"].split(",")[0]
+        where = v["where"][len(claim) + 2:]
+        lines.append(f"| {claim} | {where} | {v['pair']} | {v['difference']} | "
+                     f"{v['seeds'] or ''} | {v['verdict']} |")
+    return lines + [""]
+
+
+def compute_section(results: Path) -> list[str]:
+    """What the recorded runs cost (their wall time on this project's 2-core machines) and
+    what the pending ones would, estimated from the finished runs of the same group."""
+    lines = ["## Compute", "", "Wall time of each run as its summary records it (2 runs at a "
+             "time on 2 cores, one thread each); pending runs are estimated from the median "
+             "finished run of the same group (selection runs included).", "",
+             "| group | runs recorded | hours recorded | runs pending | hours pending (est.) |",
+             "|---|---|---|---|---|"]
+    groups = sorted({name.split("/")[0] for name in runner.configs([])})
+    total_done = total_todo = 0.0
+    for group in groups:
+        names = runner.configs([f"{group}/*"])
+        done = [runner.read_record(p) for name in names for p in
+                [*(results / name).glob("seed*.json"), *(results / "select" / name).glob("*.json")]]
+        seconds = [r["summary"]["wall_seconds"] for r in done]
+        todo = 0
+        for name in names:
+            todo += max(0, runner.evidence(name).get("seeds", len(runner.SEEDS))
+                        - len(list((results / name).glob("seed*.json"))))
+            select = runner.evidence(name).get("select", name)
+            if (select == name and runner.load(name).get("training", {}).get("lr") is None
+                    and not runner.selection_scores(name)):
+                todo += len(runner.evidence(name).get("grid", runner.LR_GRID))
+        typical = statistics.median(seconds) if seconds else None
+        est = "" if typical is None else f"{todo * typical / 2 / 3600:.1f}"
+        total_done += sum(seconds) / 2 / 3600
+        total_todo += todo * typical / 2 / 3600 if typical else 0.0
+        lines.append(f"| {group} | {len(done)} | {sum(seconds) / 2 / 3600:.1f} | {todo} | "
+                     f"{est or 'unknown (no finished run)'} |")
+    lines += ["", f"Hours are wall-clock at 2 runs at a time: {total_done:.1f} h recorded, "
+              f"{total_todo:.1f} h estimated for the pending runs of groups with a finished "
+              "run.", ""]
+    return lines
+
+
 def selection_section(results: Path) -> list[str]:
     lines = ["## Learning-rate selection (validation accuracy, seed "
              f"{runner.SELECT_SEED})", "", "| selection config | rate: validation accuracy "
@@ -293,11 +357,12 @@ def selection_section(results: Path) -> list[str]:
 
 
 def write_report(results: Path, doc: Path, img: Path) -> None:
+    verdicts: list[dict] = []
     c2 = {task: comparison(
         results, f"C2 parity, {task}, IID, 3 clients",
         {"FedTT": f"c2-parity/{task}-fedtt-iid", "LoRA r=8": f"c2-parity/{task}-lora-iid"},
         [("FedTT", "LoRA r=8")], 0.01, "FedTT within 1 point of LoRA, or better.", img,
-        f"c2-{task}") for task in ("movie-reviews", "bbc-news")}
+        f"c2-{task}", verdicts) for task in ("movie-reviews", "bbc-news")}
     c3 = []
     for alpha in ("0.1", "1.0"):
         cells = {label: f"c3-heterogeneity/bbc-news-{key}-a{alpha}" for label, key in (
@@ -308,7 +373,7 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                                  ("FedTT+", "FFA-LoRA"), ("FedTT+ frozen norms", "FedTT+")],
                          0.0, "FedTT+ at or above FedTT, LoRA and FFA-LoRA, paired by seed "
                          "(last line: the control with norms frozen).", img,
-                         f"c3-a{alpha}")
+                         f"c3-a{alpha}", verdicts)
     controls = {label: f"c3-heterogeneity/bbc-news-{key}-a0.1" for label, key in (
         ("FedTT", "fedtt"), ("FedTT cores + head", "fedtt-cores-only"), ("FedTT+", "fedttplus"),
         ("FedTT+ frozen norms", "fedttplus-frozen-norms"), ("LoRA r=8", "lora"),
@@ -331,22 +396,23 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                          [(f"FedTT ε={eps}", f"LoRA r=8 ε={eps}")], 0.0,
                          "every method clearly above the majority class at ε=6; FedTT "
                          "loses less to DP than LoRA (compare each method's cell with its "
-                         "no-DP cell).", img, f"c4-eps{eps}")
+                         "no-DP cell).", img, f"c4-eps{eps}", verdicts)
     c5 = comparison(results, "C5 cross-device, movie reviews, Dirichlet α=0.5, 100 clients, "
                     "10 per round", {"FedTT": "c5-cross-device/movie-reviews-fedtt-a0.5",
                                      "LoRA r=8": "c5-cross-device/movie-reviews-lora-a0.5"},
                     [("FedTT", "LoRA r=8")], 0.01, "FedTT within 1 point of LoRA, or better, "
-                    "with clients sampled and stateless.", img, "c5")
+                    "with clients sampled and stateless.", img, "c5", verdicts)
     c6 = generative_section(
         results, "C6 instruction tuning, SmolLM2-135M-Instruct, ShareGPT, IID, 3 clients",
         {label: f"c6-instruction/sharegpt-{key}-iid" for label, key in (
             ("FedTT", "fedtt"), ("LoRA r=8", "lora"), ("FFA-LoRA", "ffa-lora"))},
         "LoRA r=8", img, "c6")
-    c1, _ = plan_section()
+    c1, ratios = plan_section()
     lines = ["# Results", "",
              "Generated by `python experiments/run.py --report` from `results/` (records of "
              "finished runs, committed as they finish) and `fedtt plan`; do not edit by hand.",
-             "", *protocol(), *c1, "## C2: parity under IID data", "", *c2["movie-reviews"],
+             "", *summary_section(ratios, verdicts), *protocol(), *c1,
+             "## C2: parity under IID data", "", *c2["movie-reviews"],
              *c2["bbc-news"], "## C3: heterogeneity (label skew)", "", *c3,
              "## C4: local differential privacy", "",
              "Poisson sampling at an expected batch of 128, 100 DP-SGD steps per client; the "
@@ -356,5 +422,5 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
              "Held-out loss on the response tokens (mean of the last two evaluations) and its "
              "perplexity; each run's record keeps the greedy outputs of its last evaluation "
              "for three fixed held-out prompts. The rate is selected by validation loss.", "",
-             *c6, *selection_section(results)]
+             *c6, *selection_section(results), *compute_section(results)]
     doc.write_text("\n".join(lines) + "\n")
