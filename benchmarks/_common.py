@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: run one in-process federation in a fresh child process."""
+"""Helpers shared by the benchmarks: run one in-process federation in a fresh child process;
+time training steps (interleaved on CPU, synchronised on CUDA)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 CHILD = r"""
 import json, resource, sys, time
@@ -31,3 +34,32 @@ def run_child(sets: dict) -> dict:
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved_times(steppers: dict[str, Callable[[], object]], steps: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """Seconds of each stepper's steps after `warmup`, one step of each in turn, so a slow
+    spell of the machine falls on every method alike."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for i in range(warmup + steps):
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def cuda_times(step: Callable[[], object], steps: int, warmup: int) -> list[float]:
+    """Seconds of each step after `warmup`, the GPU synchronised around each."""
+    import torch
+
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times

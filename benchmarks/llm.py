@@ -44,6 +44,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import torch  # noqa: E402
+from _common import cuda_times, interleaved_times  # noqa: E402
 
 from fedtt.adapters import AdapterConfig  # noqa: E402
 from fedtt.devices import Compute, float32_trainables  # noqa: E402
@@ -112,13 +113,7 @@ def cpu_times(spec: str, batch_size: int, seq: int, steps: int, warmup: int) -> 
     models = {m: build(spec, m, compute) for m in METHODS}
     batch = make_batch(vocab_of(models["lora"]), batch_size, seq, compute.device)
     steppers = {m: make_step(models[m], batch, compute) for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    for i in range(warmup + steps):
-        for m in METHODS:
-            t = time.perf_counter()
-            steppers[m][0]()
-            if i >= warmup:
-                times[m].append(time.perf_counter() - t)
+    times = interleaved_times({m: s[0] for m, s in steppers.items()}, steps, warmup)
     return {m: {"median_s": statistics.median(ts), "all_s": ts,
                 "trainable_params": steppers[m][1]} for m, ts in times.items()}
 
@@ -185,14 +180,7 @@ def gpu_case(spec: str, method: str, steps: int, warmup: int) -> dict:
     weights = torch.cuda.memory_allocated() / 2**30
     step, trainable = make_step(model, make_batch(vocab_of(model), 8, 512, compute.device),
                                 compute)
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+    times = cuda_times(step, steps, warmup)
     return {"median_s": statistics.median(times), "all_s": times,
             "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
             "model_gpu_mem_gb": weights, "build_s": built, "trainable_params": trainable}

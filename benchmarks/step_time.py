@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import cuda_times, interleaved_times  # noqa: E402
 
 from fedtt.adapters import AdapterConfig  # noqa: E402
 from fedtt.methods import make_method  # noqa: E402
@@ -73,27 +73,13 @@ def measure(spec: str, methods: list[str], batch_size: int, seq: int, steps: int
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             model = build(spec, method, device, dtype)
-            step = make_step(model, batch, labels)
-            times = []
-            for i in range(warmup + steps):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
+            times = cuda_times(make_step(model, batch, labels), steps, warmup)
             results[method] = {"median_s": statistics.median(times),
                                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
-            del model, step
+            del model
         return results
     steppers = {m: make_step(build(spec, m, device, dtype), batch, labels) for m in methods}
-    times = {m: [] for m in methods}
-    for i in range(warmup + steps):
-        for m in methods:
-            t = time.perf_counter()
-            steppers[m]()
-            if i >= warmup:
-                times[m].append(time.perf_counter() - t)
+    times = interleaved_times(steppers, steps, warmup)
     return {m: {"median_s": statistics.median(ts), "all_s": ts} for m, ts in times.items()}
 
 
