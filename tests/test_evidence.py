@@ -1,0 +1,122 @@
+"""The evidence protocol (experiments/run.py, experiments/report.py): every experiment config is
+a valid run that holds out validation rows and scores on the full test split; rates are chosen
+on validation with the grid extended at an edge; the report's paired intervals and verdicts."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtt.config import load_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+import report  # noqa: E402
+import run as runner  # noqa: E402
+
+
+@pytest.mark.parametrize("name", runner.configs([]))
+def test_every_experiment_is_a_valid_run_on_validation_and_the_full_test_split(
+        name: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(runner.fedtt_toml(name))
+    cfg = load_config(path)
+    assert cfg.data.val_fraction > 0, "selection needs a validation split"
+    if not runner.generative(runner.load(name)):  # a causal-LM cell scores a fixed held-out set
+        assert cfg.data.max_test_examples == 0, "reported numbers use the full test split"
+    evidence = runner.evidence(name)
+    assert set(evidence) <= {"select", "seeds", "grid"}, f"unknown [evidence] keys in {name}"
+    select = evidence.get("select", name)
+    assert select in runner.configs([]), f"{name} selects its rate from a missing config"
+
+
+def record(val: float, test: float) -> dict:
+    """A classification record whose last two evaluations score `val` and `test`."""
+    rows = [{"round": r, "val_accuracy": val, "accuracy": test} for r in (18, 20)]
+    return {"config": {"data": {"task": "bbc-news"}}, "rounds": rows}
+
+
+def test_selection_scores_validation_never_test() -> None:
+    assert runner.selection_score(record(val=0.7, test=0.9)) == pytest.approx(0.7)
+    assert report.test_score(record(val=0.7, test=0.9)) == pytest.approx(0.9)
+
+
+def test_score_is_the_mean_of_the_last_two_evaluations() -> None:
+    rows = [{"accuracy": 0.1}, {"accuracy": None}, {"accuracy": 0.5}, {"accuracy": 0.7}]
+    assert runner.score(rows, "accuracy") == pytest.approx(0.6)
+    assert runner.score([{"accuracy": None}], "accuracy") is None
+
+
+@pytest.fixture
+def fake_selection(monkeypatch: pytest.MonkeyPatch):
+    """run_jobs that 'runs' a job by scoring its rate with the config's validation curve."""
+    curves = {"a": lambda lr: -abs(math.log(lr / 0.01)),    # best 1e-2: interior of the grid
+              "b": lambda lr: -abs(math.log(lr / 2.5e-4)),  # best below the grid
+              "c": lambda lr: -lr}                          # always the smallest rate
+    scores: dict[str, dict[float, float]] = {}
+    batches: list[list[tuple[str, float]]] = []
+
+    def run_jobs(jobs, workers, commit):
+        batches.append([(j.name, j.lr) for j in jobs])
+        for job in jobs:
+            scores.setdefault(job.name, {})[job.lr] = curves[job.name](job.lr)
+        return []
+
+    monkeypatch.setattr(runner, "run_jobs", run_jobs)
+    monkeypatch.setattr(runner, "selection_scores", lambda name: scores.get(name, {}))
+    monkeypatch.setattr(runner, "evidence", lambda name: {})
+    return batches
+
+
+def test_rates_are_chosen_inside_the_grid_extending_it_at_an_edge(fake_selection) -> None:
+    rates, failed = runner.select_rates(["a", "b", "c"], workers=2, commit=False)
+    assert failed == []
+    assert rates["a"] == 0.01                           # interior at once: no extension
+    assert rates["b"] == min(runner.LR_GRID) / 4        # extended twice downwards, interior
+    # "c" keeps improving downwards: it stops after MAX_EXTENSIONS at the edge it reached
+    assert rates["c"] == min(runner.LR_GRID) / 2 ** runner.MAX_EXTENSIONS
+    first = fake_selection[0]
+    assert {name for name, _ in first} == {"a", "b", "c"}, "all grids run together"
+    assert all(name != "a" for batch in fake_selection[1:] for name, _ in batch)
+    assert len(fake_selection) == runner.MAX_EXTENSIONS + 1
+
+
+def test_a_config_whose_runs_all_failed_has_no_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "run_jobs", lambda jobs, w, c: [f"{j.name} failed" for j in jobs])
+    monkeypatch.setattr(runner, "selection_scores", lambda name: {})
+    monkeypatch.setattr(runner, "evidence", lambda name: {})
+    rates, failed = runner.select_rates(["x"], workers=1, commit=False)
+    assert rates == {"x": None} and len(failed) == len(runner.LR_GRID)
+
+
+def test_paired_difference_interval_and_verdicts() -> None:
+    a = {s: record(0, test) for s, test in enumerate([0.80, 0.82, 0.84])}
+    b = {s: record(0, test) for s, test in enumerate([0.78, 0.795, 0.81, 0.99])}  # seed 3 unpaired
+    seeds, mean, half = report.paired(a, b)
+    assert seeds == [0, 1, 2]
+    assert mean == pytest.approx(0.025)  # differences 0.02, 0.025, 0.03: sd 0.005
+    assert half == pytest.approx(4.303 * 0.005 / math.sqrt(3))
+    assert report.verdict(mean, half) == "met"
+    assert report.verdict(-mean, half) == "not met"
+    assert report.verdict(0.0, half) == "inside the noise"
+    assert report.verdict(-0.005, 0.002, margin=0.01) == "met"  # within the 1-point margin
+
+
+def test_compute_section_counts_recorded_and_pending_runs(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "c2-parity/bbc-news-fedtt-iid"
+    (tmp_path / name).mkdir(parents=True)
+    for seed, seconds in ((0, 600.0), (1, 1200.0)):
+        (tmp_path / name / f"seed{seed}.json").write_text(json.dumps(
+            {"seed": seed, "summary": {"wall_seconds": seconds}}))
+    monkeypatch.setattr(runner, "configs", lambda only: [name] if only in ([], ["c2-parity/*"])
+                        else [])
+    monkeypatch.setattr(runner, "selection_scores", lambda n: {})
+    lines = report.compute_section(tmp_path)
+    row = next(line for line in lines if line.startswith("| c2-parity"))
+    pending = len(runner.SEEDS) - 2
+    # 2 recorded runs of 0.25 h at 2 at a time; pending runs at the median (900 s), 2 at a time
+    assert row == (f"| c2-parity | 2 | {1800 / 2 / 3600:.1f} | {pending} | "
+                   f"{pending * 900 / 2 / 3600:.1f} |")
