@@ -161,18 +161,16 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
     lines = [f"### {title}", "", "| cell | seeds | rate | test accuracy (%) | accuracy (%) "
              f"{at_budget} | upload wire KB per client per round | epochs per client |",
              "|---|---|---|---|---|---|---|"]
-    for label, name in cells.items():
-        got = recs[label]
-        if not got:
-            lines.append(f"| {label} | pending: `python experiments/run.py --only '{name}'` "
-                         "| | | | | |")
-            continue
+
+    def row(label: str, got: dict[int, dict]) -> str:
         mean, half = interval([test_score(r) for r in got.values()])
         at = interval([accuracy_within(r, budget) for r in got.values()])
         first = next(iter(got.values()))
         up = statistics.mean(upload_wire_per_client(r) for r in got.values())
-        lines.append(f"| {label} | {len(got)} | {first['lr']:g} | {pct(mean, half)} | "
-                     f"{pct(*at)} | {up / 1e3:,.1f} | {epochs(first):.1f} |")
+        return (f"| {label} | {len(got)} | {first['lr']:g} | {pct(mean, half)} | "
+                f"{pct(*at)} | {up / 1e3:,.1f} | {epochs(first):.1f} |")
+
+    lines += table_rows(recs, cells, 7, row)
     lines += ["", f"Claim: {claim}", "", "*Accuracy at N MB*: each run's last evaluation before "
               "its cumulative wire bytes (all clients, both ways) passed N, the total of the "
               "cell that sent the least: the accuracy each method buys with the same bytes.",
@@ -194,6 +192,14 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
     if path:
         lines += ["", f"![{title}](img/{path.name})"]
     return lines + [""]
+
+
+def table_rows(recs: dict[str, dict[int, dict]], cells: dict[str, str], columns: int,
+               row) -> list[str]:
+    """One table row per cell: `row(label, records)`, or pending with the command to run it."""
+    return [row(label, recs[label]) if recs[label] else
+            f"| {label} | pending: `python experiments/run.py --only '{name}'` |"
+            + " |" * (columns - 2) for label, name in cells.items()]
 
 
 def accuracy_within(rec: dict, budget: float) -> float:
@@ -256,19 +262,15 @@ def generative_section(results: Path, title: str, cells: dict[str, str], base: s
     recs = {label: records(results, name) for label, name in cells.items()}
     lines = [f"### {title}", "", "| cell | seeds | rate | held-out loss | perplexity | "
              "upload wire KB per client per round |", "|---|---|---|---|---|---|"]
-    for label, name in cells.items():
-        got = recs[label]
-        if not got:
-            lines.append(f"| {label} | pending: `python experiments/run.py --only '{name}'` "
-                         "| | | | |")
-            continue
-        losses = [runner.score(r["rounds"], "loss") for r in got.values()]
-        mean, half = interval(losses)
+
+    def row(label: str, got: dict[int, dict]) -> str:
+        mean, half = interval([runner.score(r["rounds"], "loss") for r in got.values()])
         up = statistics.mean(upload_wire_per_client(r) for r in got.values())
         spread = "" if math.isnan(half) else f" ± {half:.3f}"
-        lines.append(f"| {label} | {len(got)} | {next(iter(got.values()))['lr']:g} | "
-                     f"{mean:.3f}{spread} | {math.exp(mean):.2f} | {up / 1e3:,.1f} |")
-    lines.append("")
+        return (f"| {label} | {len(got)} | {next(iter(got.values()))['lr']:g} | "
+                f"{mean:.3f}{spread} | {math.exp(mean):.2f} | {up / 1e3:,.1f} |")
+
+    lines += [*table_rows(recs, cells, 6, row), ""]
     for label in cells:
         seeds = sorted(set(recs[label]) & set(recs[base]))
         if label == base or not seeds:
