@@ -150,9 +150,12 @@ def plan_section() -> tuple[list[str], dict]:
 
 def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tuple[str, str]],
                margin: float, claim: str, img: Path, stem: str,
-               verdicts: list[dict] | None = None) -> list[str]:
+               verdicts: list[dict] | None = None,
+               ablation: tuple[str, str, str] | None = None) -> list[str]:
     """A table of cells (label -> config name), paired differences with verdicts, plots.
-    Each pair's outcome is also appended to `verdicts` (for the summary)."""
+    Each pair's outcome is also appended to `verdicts` (for the summary). `ablation` =
+    (claim pair, ablation pair, what the ablation removes), pairs as "A − B": when the claim
+    is not met, a line says whether removing it closes the gap."""
     recs = {label: records(results, name) for label, name in cells.items()}
     spent = [statistics.mean(r["rounds"][-1]["cumulative_wire_bytes"] for r in got.values())
              for got in recs.values() if got]
@@ -171,6 +174,7 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
                 f"{pct(*at)} | {up / 1e3:,.1f} | {epochs(first):.1f} |")
 
     lines += table_rows(recs, cells, 7, row)
+    outcomes: dict[str, dict] = {}
     lines += ["", f"Claim: {claim}", "", "*Accuracy at N MB*: each run's last evaluation before "
               "its cumulative wire bytes (all clients, both ways) passed N, the total of the "
               "cell that sent the least: the accuracy each method buys with the same bytes.",
@@ -186,12 +190,29 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
                        "verdict": verdict(mean, half, margin)}
             lines.append(f"- {a} − {b}: {pct(mean, half)} points over seeds "
                          f"{', '.join(map(str, seeds))}: **{outcome['verdict']}**")
+        outcomes[f"{a} − {b}"] = outcome
         if verdicts is not None:
             verdicts.append({"where": title, "pair": f"{a} − {b}", **outcome})
+    if ablation:
+        lines += cause(outcomes, *ablation)
     path = draw(recs, img / f"{stem}.png", title)
     if path:
         lines += ["", f"![{title}](img/{path.name})"]
     return lines + [""]
+
+
+def cause(outcomes: dict[str, dict], claim: str, ablation: str, removed: str) -> list[str]:
+    """One line saying whether removing `removed` closes a gap the claim pair did not close."""
+    c, a = outcomes.get(claim), outcomes.get(ablation)
+    if not c or not a or c["verdict"] != "not met" or a["verdict"] not in (
+            "met", "not met", "inside the noise"):
+        return []
+    reading = {"met": f"{removed} explain the gap",
+               "not met": f"{removed} do not explain the gap",
+               "inside the noise": f"whether {removed} explain the gap is inside the noise"}
+    return [f"- Cause, measured: {claim} is *{c['verdict']}*; without {removed}, "
+            f"{ablation} is {a['difference']} points (*{a['verdict']}*): "
+            f"{reading[a['verdict']]}."]
 
 
 def table_rows(recs: dict[str, dict[int, dict]], cells: dict[str, str], columns: int,
@@ -372,7 +393,9 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
             claim += (" Last line, the ablation: FedTT training only its TT cores and the head "
                       "(no adapter biases, no norms), at FedTT's rate.")
         c2[task] = comparison(results, f"C2 parity, {task}, IID, 3 clients", cells, pairs,
-                              0.01, claim, img, f"c2-{task}", verdicts)
+                              0.01, claim, img, f"c2-{task}", verdicts,
+                              ("FedTT − LoRA r=8", "FedTT cores + head − LoRA r=8",
+                               "the adapter biases and norms"))
     c3 = []
     for alpha in ("0.1", "1.0"):
         cells = {label: f"c3-heterogeneity/bbc-news-{key}-a{alpha}" for label, key in (
@@ -380,10 +403,13 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
             ("FFA-LoRA", "ffa-lora"), ("FedTT+ frozen norms", "fedttplus-frozen-norms"))}
         c3 += comparison(results, f"C3 heterogeneity, BBC news, Dirichlet α={alpha}, 5 clients",
                          cells, [("FedTT+", "FedTT"), ("FedTT+", "LoRA r=8"),
-                                 ("FedTT+", "FFA-LoRA"), ("FedTT+ frozen norms", "FedTT+")],
+                                 ("FedTT+", "FFA-LoRA"), ("FedTT+ frozen norms", "FedTT+"),
+                                 ("FedTT+ frozen norms", "LoRA r=8")],
                          0.0, "FedTT+ at or above FedTT, LoRA and FFA-LoRA, paired by seed "
-                         "(last line: the control with norms frozen).", img,
-                         f"c3-a{alpha}", verdicts)
+                         "(last two lines: the ablation with norms frozen).", img,
+                         f"c3-a{alpha}", verdicts,
+                         ("FedTT+ − LoRA r=8", "FedTT+ frozen norms − LoRA r=8",
+                          "the trained norms"))
     controls = {label: f"c3-heterogeneity/bbc-news-{key}-a0.1" for label, key in (
         ("FedTT", "fedtt"), ("FedTT cores + head", "fedtt-cores-only"), ("FedTT+", "fedttplus"),
         ("FedTT+ frozen norms", "fedttplus-frozen-norms"), ("LoRA r=8", "lora"),

@@ -120,3 +120,17 @@ def test_compute_section_counts_recorded_and_pending_runs(tmp_path: Path,
     # 2 recorded runs of 0.25 h at 2 at a time; pending runs at the median (900 s), 2 at a time
     assert row == (f"| c2-parity | 2 | {1800 / 2 / 3600:.1f} | {pending} | "
                    f"{pending * 900 / 2 / 3600:.1f} |")
+
+
+def test_a_cause_line_only_when_the_claim_is_not_met_and_the_ablation_is_measured() -> None:
+    def outcomes(claim: str, ablation: str) -> dict[str, dict]:
+        return {"A − B": {"verdict": claim, "difference": "-2.0 ± 1.0"},
+                "A' − B": {"verdict": ablation, "difference": "-0.5 ± 0.4"}}
+
+    line = report.cause(outcomes("not met", "met"), "A − B", "A' − B", "the norms")
+    assert len(line) == 1 and "the norms explain the gap" in line[0] and "-0.5 ± 0.4" in line[0]
+    assert "do not explain" in report.cause(outcomes("not met", "not met"), "A − B", "A' − B",
+                                            "the norms")[0]
+    assert report.cause(outcomes("met", "met"), "A − B", "A' − B", "x") == []
+    assert report.cause(outcomes("inside the noise", "met"), "A − B", "A' − B", "x") == []
+    assert report.cause(outcomes("not met", "pending (one seed)"), "A − B", "A' − B", "x") == []
