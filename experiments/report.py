@@ -336,6 +336,9 @@ def compute_section(results: Path) -> list[str]:
              "finished run of the same group (selection runs included).", "",
              "| group | runs recorded | hours recorded | runs pending | hours pending (est.) |",
              "|---|---|---|---|---|"]
+    def hours(seconds: float) -> float:  # wall-clock, 2 runs at a time
+        return seconds / 2 / 3600
+
     groups = sorted({name.split("/")[0] for name in runner.configs([])})
     total_done = total_todo = 0.0
     for group in groups:
@@ -347,15 +350,14 @@ def compute_section(results: Path) -> list[str]:
         for name in names:
             todo += max(0, runner.evidence(name).get("seeds", len(runner.SEEDS))
                         - len(list((results / name).glob("seed*.json"))))
-            select = runner.evidence(name).get("select", name)
-            if (select == name and runner.load(name).get("training", {}).get("lr") is None
-                    and not runner.selection_scores(name)):
+            if (runner.selects(name) == name
+                    and not any((results / "select" / name).glob("lr*.json"))):
                 todo += len(runner.evidence(name).get("grid", runner.LR_GRID))
         typical = statistics.median(seconds) if seconds else None
-        est = "" if typical is None else f"{todo * typical / 2 / 3600:.1f}"
-        total_done += sum(seconds) / 2 / 3600
-        total_todo += todo * typical / 2 / 3600 if typical else 0.0
-        lines.append(f"| {group} | {len(done)} | {sum(seconds) / 2 / 3600:.1f} | {todo} | "
+        est = "" if typical is None else f"{hours(todo * typical):.1f}"
+        total_done += hours(sum(seconds))
+        total_todo += hours(todo * typical) if typical else 0.0
+        lines.append(f"| {group} | {len(done)} | {hours(sum(seconds)):.1f} | {todo} | "
                      f"{est or 'unknown (no finished run)'} |")
     lines += ["", f"Hours are wall-clock at 2 runs at a time: {total_done:.1f} h recorded, "
               f"{total_todo:.1f} h estimated for the pending runs of groups with a finished "

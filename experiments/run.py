@@ -78,6 +78,13 @@ def evidence(name: str) -> dict:
     return load(name).get("evidence", {})
 
 
+def selects(name: str) -> str | None:
+    """The config whose selection runs choose `name`'s rate (None: the config sets its own)."""
+    if load(name).get("training", {}).get("lr") is not None:
+        return None
+    return evidence(name).get("select", name)
+
+
 def fedtt_toml(name: str) -> str:
     """The config without the `[evidence]` table (what `fedtt run --config` reads)."""
     from fedtt.config import toml_value
@@ -262,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         names = configs(args.only)
         if not names:
             parser.error(f"no experiment config matches {args.only}")
-        to_select = dict.fromkeys(  # every cell's rate first, then seeds
-            evidence(name).get("select", name) for name in names
-            if load(name).get("training", {}).get("lr") is None)
+        # every cell's rate first, then seeds
+        to_select = dict.fromkeys(s for s in map(selects, names) if s is not None)
         rates, failed = select_rates(list(to_select), args.workers, args.commit)
         jobs = []
         for i in range(len(SEEDS)):  # every cell's first seed before any cell's second
