@@ -113,7 +113,6 @@ def test_compute_section_counts_recorded_and_pending_runs(tmp_path: Path,
             {"seed": seed, "summary": {"wall_seconds": seconds}}))
     monkeypatch.setattr(runner, "configs", lambda only: [name] if only in ([], ["c2-parity/*"])
                         else [])
-    monkeypatch.setattr(runner, "selection_scores", lambda n: {})
     lines = report.compute_section(tmp_path)
     row = next(line for line in lines if line.startswith("| c2-parity"))
     pending = len(runner.SEEDS) - 2
