@@ -399,19 +399,22 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                               ("FedTT − LoRA r=8", "FedTT cores + head − LoRA r=8",
                                "the adapter biases and norms"))
     c3 = []
-    for alpha in ("0.1", "1.0"):
+    for alpha in ("0.1", "0.5", "1.0"):
         cells = {label: f"c3-heterogeneity/bbc-news-{key}-a{alpha}" for label, key in (
             ("FedTT+", "fedttplus"), ("FedTT", "fedtt"), ("LoRA r=8", "lora"),
-            ("FFA-LoRA", "ffa-lora"), ("FedTT+ frozen norms", "fedttplus-frozen-norms"))}
+            ("FFA-LoRA", "ffa-lora"))}
+        pairs = [("FedTT+", "FedTT"), ("FedTT+", "LoRA r=8"), ("FedTT+", "FFA-LoRA")]
+        claim = "FedTT+ at or above FedTT, LoRA and FFA-LoRA, paired by seed."
+        ablation = None
+        control = f"c3-heterogeneity/bbc-news-fedttplus-frozen-norms-a{alpha}"
+        if control in runner.configs([]):
+            cells["FedTT+ frozen norms"] = control
+            pairs += [("FedTT+ frozen norms", "FedTT+"), ("FedTT+ frozen norms", "LoRA r=8")]
+            claim = claim[:-1] + " (last two lines: the ablation with norms frozen)."
+            ablation = ("FedTT+ − LoRA r=8", "FedTT+ frozen norms − LoRA r=8",
+                        "the trained norms")
         c3 += comparison(results, f"C3 heterogeneity, BBC news, Dirichlet α={alpha}, 5 clients",
-                         cells, [("FedTT+", "FedTT"), ("FedTT+", "LoRA r=8"),
-                                 ("FedTT+", "FFA-LoRA"), ("FedTT+ frozen norms", "FedTT+"),
-                                 ("FedTT+ frozen norms", "LoRA r=8")],
-                         0.0, "FedTT+ at or above FedTT, LoRA and FFA-LoRA, paired by seed "
-                         "(last two lines: the ablation with norms frozen).", img,
-                         f"c3-a{alpha}", verdicts,
-                         ("FedTT+ − LoRA r=8", "FedTT+ frozen norms − LoRA r=8",
-                          "the trained norms"))
+                         cells, pairs, 0.0, claim, img, f"c3-a{alpha}", verdicts, ablation)
     controls = {label: f"c3-heterogeneity/bbc-news-{key}-a0.1" for label, key in (
         ("FedTT", "fedtt"), ("FedTT cores + head", "fedtt-cores-only"), ("FedTT+", "fedttplus"),
         ("FedTT+ frozen norms", "fedttplus-frozen-norms"), ("LoRA r=8", "lora"),
