@@ -20,6 +20,16 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        9: 2.262, 10: 2.228}
 PLAN_MODELS = ("minilm", "arch:roberta-base", "arch:llama-2-7b")
 PLAN_METHODS = ("fedtt", "fedtt+", "lora", "ffa-lora")
+# C2's ablations, each shown where its config exists: (label, config key, what it is, the
+# change it makes, the cause it tests, the cell it is compared with besides LoRA)
+C2_ABLATIONS = (
+    ("FedTT cores + head", "fedtt-cores-only", "FedTT training only its TT cores and the head "
+     "(no adapter biases, no norms), at FedTT's rate", "without the adapter biases and norms",
+     "the adapter biases and norms", "FedTT"),
+    ("FedTT cores + head, rank 10", "fedtt-cores-only-rank10", "the same at TT rank 10 "
+     "instead of 5", "with cores and head only at TT rank 10",
+     "the adapter biases and norms together with TT rank 5's capacity", "FedTT cores + head"),
+)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -151,11 +161,11 @@ def plan_section() -> tuple[list[str], dict]:
 def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tuple[str, str]],
                margin: float, claim: str, img: Path, stem: str,
                verdicts: list[dict] | None = None,
-               ablation: tuple[str, str, str] | None = None) -> list[str]:
+               ablations: list[tuple[str, str, str, str]] = ()) -> list[str]:
     """A table of cells (label -> config name), paired differences with verdicts, plots.
-    Each pair's outcome is also appended to `verdicts` (for the summary). `ablation` =
-    (claim pair, ablation pair, what the ablation removes), pairs as "A − B": when the claim
-    is not met, a line says whether removing it closes the gap."""
+    Each pair's outcome is also appended to `verdicts` (for the summary). Each of `ablations`
+    is (claim pair, ablation pair, what the ablation changes, the cause it tests), pairs as
+    "A − B": when the claim is not met, a line says whether the change closes the gap."""
     recs = {label: records(results, name) for label, name in cells.items()}
     spent = [statistics.mean(r["rounds"][-1]["cumulative_wire_bytes"] for r in got.values())
              for got in recs.values() if got]
@@ -193,7 +203,7 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
         outcomes[f"{a} − {b}"] = outcome
         if verdicts is not None:
             verdicts.append({"where": title, "pair": f"{a} − {b}", **outcome})
-    if ablation:
+    for ablation in ablations:
         lines += cause(outcomes, *ablation)
     path = draw(recs, img / f"{stem}.png", title)
     if path:
@@ -201,16 +211,18 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
     return lines + [""]
 
 
-def cause(outcomes: dict[str, dict], claim: str, ablation: str, removed: str) -> list[str]:
-    """One line saying whether removing `removed` closes a gap the claim pair did not close."""
+def cause(outcomes: dict[str, dict], claim: str, ablation: str, change: str,
+          suspect: str) -> list[str]:
+    """One line saying whether `change` (which tests `suspect`) closes a gap the claim pair did
+    not close."""
     c, a = outcomes.get(claim), outcomes.get(ablation)
     if not c or not a or c["verdict"] != "not met" or a["verdict"] not in (
             "met", "not met", "inside the noise"):
         return []
-    reading = {"met": f"{removed} explain the gap",
-               "not met": f"{removed} do not explain the gap",
-               "inside the noise": f"whether {removed} explain the gap is inside the noise"}
-    return [f"- Cause, measured: {claim} is *{c['verdict']}*; without {removed}, "
+    reading = {"met": f"the gap is explained by {suspect}",
+               "not met": f"the gap is not explained by {suspect}",
+               "inside the noise": f"whether {suspect} explain the gap is inside the noise"}
+    return [f"- Cause, measured: {claim} is *{c['verdict']}*; {change}, "
             f"{ablation} is {a['difference']} points (*{a['verdict']}*): "
             f"{reading[a['verdict']]}."]
 
@@ -387,17 +399,16 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
     for task in ("movie-reviews", "bbc-news"):
         cells = {"FedTT": f"c2-parity/{task}-fedtt-iid", "LoRA r=8": f"c2-parity/{task}-lora-iid"}
         pairs = [("FedTT", "LoRA r=8")]
-        control = f"c2-parity/{task}-fedtt-cores-only-iid"
         claim = "FedTT within 1 point of LoRA, or better."
-        if control in runner.configs([]):
-            cells["FedTT cores + head"] = control
-            pairs += [("FedTT cores + head", "FedTT"), ("FedTT cores + head", "LoRA r=8")]
-            claim += (" Last line, the ablation: FedTT training only its TT cores and the head "
-                      "(no adapter biases, no norms), at FedTT's rate.")
+        ablations = []
+        for label, key, what, change, suspect, versus in C2_ABLATIONS:
+            if f"c2-parity/{task}-{key}-iid" in runner.configs([]) and versus in cells:
+                cells[label] = f"c2-parity/{task}-{key}-iid"
+                pairs += [(label, versus), (label, "LoRA r=8")]
+                claim += f" Ablation, {label}: {what}."
+                ablations.append(("FedTT − LoRA r=8", f"{label} − LoRA r=8", change, suspect))
         c2[task] = comparison(results, f"C2 parity, {task}, IID, 3 clients", cells, pairs,
-                              0.01, claim, img, f"c2-{task}", verdicts,
-                              ("FedTT − LoRA r=8", "FedTT cores + head − LoRA r=8",
-                               "the adapter biases and norms"))
+                              0.01, claim, img, f"c2-{task}", verdicts, ablations)
     c3 = []
     for alpha in ("0.1", "0.5", "1.0"):
         cells = {label: f"c3-heterogeneity/bbc-news-{key}-a{alpha}" for label, key in (
@@ -405,16 +416,16 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
             ("FFA-LoRA", "ffa-lora"))}
         pairs = [("FedTT+", "FedTT"), ("FedTT+", "LoRA r=8"), ("FedTT+", "FFA-LoRA")]
         claim = "FedTT+ at or above FedTT, LoRA and FFA-LoRA, paired by seed."
-        ablation = None
+        ablations = []
         control = f"c3-heterogeneity/bbc-news-fedttplus-frozen-norms-a{alpha}"
         if control in runner.configs([]):
             cells["FedTT+ frozen norms"] = control
             pairs += [("FedTT+ frozen norms", "FedTT+"), ("FedTT+ frozen norms", "LoRA r=8")]
             claim = claim[:-1] + " (last two lines: the ablation with norms frozen)."
-            ablation = ("FedTT+ − LoRA r=8", "FedTT+ frozen norms − LoRA r=8",
-                        "the trained norms")
+            ablations = [("FedTT+ − LoRA r=8", "FedTT+ frozen norms − LoRA r=8",
+                          "without the trained norms", "the trained norms")]
         c3 += comparison(results, f"C3 heterogeneity, BBC news, Dirichlet α={alpha}, 5 clients",
-                         cells, pairs, 0.0, claim, img, f"c3-a{alpha}", verdicts, ablation)
+                         cells, pairs, 0.0, claim, img, f"c3-a{alpha}", verdicts, ablations)
     controls = {label: f"c3-heterogeneity/bbc-news-{key}-a0.1" for label, key in (
         ("FedTT", "fedtt"), ("FedTT cores + head", "fedtt-cores-only"), ("FedTT+", "fedttplus"),
         ("FedTT+ frozen norms", "fedttplus-frozen-norms"), ("LoRA r=8", "lora"),
