@@ -7,6 +7,7 @@ yet are listed as pending, with the command that runs them.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
@@ -61,11 +62,7 @@ def pct(mean: float, half: float) -> str:
 
 def paired(a: dict[int, dict], b: dict[int, dict]) -> tuple[list[int], float, float] | None:
     """Seeds both cells ran, and the mean and 95% half-width of a - b over them."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    mean, half = interval([test_score(a[s]) - test_score(b[s]) for s in seeds])
-    return seeds, mean, half
+    return over_seeds({s: test_score(a[s]) - test_score(b[s]) for s in set(a) & set(b)})
 
 
 def verdict(mean: float, half: float, margin: float = 0.0) -> str:
@@ -161,11 +158,13 @@ def plan_section() -> tuple[list[str], dict]:
 def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tuple[str, str]],
                margin: float, claim: str, img: Path, stem: str,
                verdicts: list[dict] | None = None,
-               ablations: list[tuple[str, str, str, str]] = ()) -> list[str]:
+               ablations: list[tuple[str, str, str, str]] = (),
+               more: list[str] = ()) -> list[str]:
     """A table of cells (label -> config name), paired differences with verdicts, plots.
     Each pair's outcome is also appended to `verdicts` (for the summary). Each of `ablations`
     is (claim pair, ablation pair, what the ablation changes, the cause it tests), pairs as
-    "A − B": when the claim is not met, a line says whether the change closes the gap."""
+    "A − B": when the claim is not met, a line says whether the change closes the gap.
+    `more`: lines placed after the differences, before the plot."""
     recs = {label: records(results, name) for label, name in cells.items()}
     spent = [statistics.mean(r["rounds"][-1]["cumulative_wire_bytes"] for r in got.values())
              for got in recs.values() if got]
@@ -190,25 +189,75 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
               "cell that sent the least: the accuracy each method buys with the same bytes.",
               ""]
     for a, b in pairs:
-        got = paired(recs[a], recs[b])
-        if got is None:
-            lines.append(f"- {a} − {b}: pending")
-            outcome = {"difference": "", "seeds": 0, "verdict": "pending"}
-        else:
-            seeds, mean, half = got
-            outcome = {"difference": pct(mean, half), "seeds": len(seeds),
-                       "verdict": verdict(mean, half, margin)}
-            lines.append(f"- {a} − {b}: {pct(mean, half)} points over seeds "
-                         f"{', '.join(map(str, seeds))}: **{outcome['verdict']}**")
-        outcomes[f"{a} − {b}"] = outcome
-        if verdicts is not None:
-            verdicts.append({"where": title, "pair": f"{a} − {b}", **outcome})
+        line, outcomes[f"{a} − {b}"] = judged(f"{a} − {b}", paired(recs[a], recs[b]), margin,
+                                             title, verdicts)
+        lines.append(line)
     for ablation in ablations:
         lines += cause(outcomes, *ablation)
+    lines += more
     path = draw(recs, img / f"{stem}.png", title)
     if path:
         lines += ["", f"![{title}](img/{path.name})"]
     return lines + [""]
+
+
+def judged(pair: str, got: tuple[list[int], float, float] | None, margin: float, where: str,
+           verdicts: list[dict] | None) -> tuple[str, dict]:
+    """The report line and the outcome of one paired difference (None: not measured yet);
+    the outcome is also appended to `verdicts` (for the summary)."""
+    if got is None:
+        outcome = {"difference": "", "seeds": 0, "verdict": "pending"}
+        line = f"- {pair}: pending"
+    else:
+        seeds, mean, half = got
+        outcome = {"difference": pct(mean, half), "seeds": len(seeds),
+                   "verdict": verdict(mean, half, margin)}
+        line = (f"- {pair}: {pct(mean, half)} points over seeds {', '.join(map(str, seeds))}: "
+                f"**{outcome['verdict']}**")
+    if verdicts is not None:
+        verdicts.append({"where": where, "pair": pair, **outcome})
+    return line, outcome
+
+
+def over_seeds(differences: dict[int, float]) -> tuple[list[int], float, float] | None:
+    """Seeds, mean and 95% half-width of per-seed differences (None when there are none)."""
+    if not differences:
+        return None
+    return sorted(differences), *interval([differences[s] for s in sorted(differences)])
+
+
+@functools.cache
+def majority_share(task: str, seed: int) -> float:
+    """Test accuracy of always predicting the most frequent test label of `task` split with
+    `seed` (the split a run with that seed scores on)."""
+    from fedtt.data.tasks import load_task
+
+    labels = load_task(task, seed=seed).test["label"]
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def privacy_lines(results: Path, eps: str, cells: dict[str, tuple[str, str]],
+                  verdicts: list[dict], where: str, majority=majority_share) -> list[str]:
+    """C4's two questions at one ε. `cells`: method label -> (DP cell, no-DP cell), config
+    names. Each DP cell against the majority class (met: the whole interval above it), and
+    whether FedTT loses less to DP than LoRA: (LoRA's loss to DP) − (FedTT's), paired by seed
+    over the seeds all four cells ran (met: FedTT loses less)."""
+    recs = {label: (records(results, dp), records(results, clear))
+            for label, (dp, clear) in cells.items()}
+    lines = []
+    for label, (dp, _) in recs.items():
+        above = {s: test_score(r) - majority(r["config"]["data"]["task"], s)
+                 for s, r in dp.items()}
+        line, _ = judged(f"{label} ε={eps} − majority class", over_seeds(above), 0.0, where,
+                         verdicts)
+        lines.append(line)
+    (tt, (tt_dp, tt_clear)), (lora, (lora_dp, lora_clear)) = recs.items()
+    seeds = set(tt_dp) & set(tt_clear) & set(lora_dp) & set(lora_clear)
+    cost = {s: (test_score(lora_clear[s]) - test_score(lora_dp[s]))
+            - (test_score(tt_clear[s]) - test_score(tt_dp[s])) for s in seeds}
+    line, _ = judged(f"{lora}'s loss to DP − {tt}'s (ε={eps})", over_seeds(cost), 0.0, where,
+                     verdicts)
+    return lines + [line]
 
 
 def cause(outcomes: dict[str, dict], claim: str, ablation: str, change: str,
@@ -444,11 +493,16 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                  for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))}
         cells.update({f"{label} no DP": f"c4-privacy/movie-reviews-{key}-epsnone"
                       for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))})
-        c4 += comparison(results, f"C4 privacy, movie reviews, IID, 3 clients, ε={eps}", cells,
-                         [(f"FedTT ε={eps}", f"LoRA r=8 ε={eps}")], 0.0,
-                         "every method clearly above the majority class at ε=6; FedTT "
-                         "loses less to DP than LoRA (compare each method's cell with its "
-                         "no-DP cell).", img, f"c4-eps{eps}", verdicts)
+        title = f"C4 privacy, movie reviews, IID, 3 clients, ε={eps}"
+        questions = privacy_lines(results, eps, {
+            label: (f"c4-privacy/movie-reviews-{key}-eps{eps}",
+                    f"c4-privacy/movie-reviews-{key}-epsnone")
+            for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))}, verdicts, title)
+        c4 += comparison(results, title, cells, [(f"FedTT ε={eps}", f"LoRA r=8 ε={eps}")], 0.0,
+                         "every method clearly above the majority class at ε=6 (the whole "
+                         "interval above it); FedTT loses less to DP than LoRA (each method's "
+                         "DP cell against its no-DP cell, paired by seed).", img,
+                         f"c4-eps{eps}", verdicts, more=questions)
     c5 = comparison(results, "C5 cross-device, movie reviews, Dirichlet α=0.5, 100 clients, "
                     "10 per round", {"FedTT": "c5-cross-device/movie-reviews-fedtt-a0.5",
                                      "LoRA r=8": "c5-cross-device/movie-reviews-lora-a0.5"},

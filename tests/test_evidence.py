@@ -138,3 +138,46 @@ def test_a_cause_line_only_when_the_claim_is_not_met_and_the_ablation_is_measure
     assert cause("met", "met") == []
     assert cause("inside the noise", "met") == []
     assert cause("not met", "pending (one seed)") == []
+
+
+def test_privacy_lines_judge_each_dp_cell_against_the_majority_and_the_loss_to_dp(
+        tmp_path: Path) -> None:
+    """FedTT loses 0.05 to DP on every seed and LoRA 0.10 to 0.12: LoRA's loss − FedTT's is
+    0.06 ± its interval over the three seeds all four cells ran (seed 3 has no LoRA DP cell)."""
+    scores = {"tt-dp": [0.70, 0.71, 0.80, 0.73], "tt-clear": [0.75, 0.76, 0.85, 0.78],
+              "lora-dp": [0.70, 0.70, 0.69], "lora-clear": [0.80, 0.81, 0.81]}
+    for name, values in scores.items():
+        (tmp_path / name).mkdir()
+        for seed, test in enumerate(values):
+            rec = {**record(0, test), "seed": seed}
+            (tmp_path / name / f"seed{seed}.json").write_text(json.dumps(rec))
+    shares = {0: 0.5, 1: 0.5, 2: 0.75, 3: 0.5}  # seed 2: LoRA's 0.69 is below its majority
+    verdicts: list[dict] = []
+    lines = report.privacy_lines(tmp_path, "6", {"FedTT": ("tt-dp", "tt-clear"),
+                                                 "LoRA": ("lora-dp", "lora-clear")},
+                                 verdicts, "C4, here", majority=lambda task, seed: shares[seed])
+    assert [v["pair"] for v in verdicts] == ["FedTT ε=6 − majority class",
+                                             "LoRA ε=6 − majority class",
+                                             "LoRA's loss to DP − FedTT's (ε=6)"]
+    tt, lora, cost = verdicts
+    assert tt["seeds"] == 4 and tt["verdict"] == "met"
+    assert lora["seeds"] == 3 and lora["verdict"] == "inside the noise"  # -0.06 on seed 2
+    differences = [0.10 - 0.05, 0.11 - 0.05, 0.12 - 0.05]
+    mean, half = report.interval(differences)
+    assert mean == pytest.approx(0.06)
+    assert cost == {"where": "C4, here", "pair": "LoRA's loss to DP − FedTT's (ε=6)",
+                    "difference": report.pct(mean, half), "seeds": 3,
+                    "verdict": report.verdict(mean, half)}
+    assert cost["verdict"] == "met" and lines[-1].endswith("**met**")
+
+
+def test_the_majority_share_is_that_of_the_split_a_seed_scores_on() -> None:
+    data = pytest.importorskip("fedtt.data.tasks")
+    try:
+        task = data.load_task("bbc-news", seed=1)
+    except data.FetchError:
+        pytest.skip("bbc-news is not cached and the network is off")
+    labels = task.test["label"]
+    share = report.majority_share("bbc-news", 1)
+    assert share == max(labels.count(c) for c in range(5)) / len(labels)
+    assert 0.2 < share < 0.3  # five topics, none the majority of the test rows
