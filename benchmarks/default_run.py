@@ -1,8 +1,9 @@
 """Benchmark: the README's main job, `fedtt run` with the default config, timed as a user runs it.
 
 Runs `fedtt run --quiet --out DIR` in a fresh process under `/usr/bin/time -v` (wall clock and
-peak RSS from the kernel), then records them with the run's summary. Goal (issue 4): under 10
-minutes on 2 cores, printing the final accuracy and MB sent.
+peak RSS from the kernel), then records them with the run's summary and its test accuracy
+after each round. Goals: under 10 minutes on 2 cores, printing the final accuracy and MB sent
+beside LoRA's (issues 4 and 16); learning steadily on its IID split (issue 16).
 
 Writes benchmarks/results/default_run.json.  Run: python benchmarks/default_run.py
 """
@@ -36,12 +37,15 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         summary = json.loads((run_dir / "summary.json").read_text())
+        rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()
+                  if line]
+    curve = [round(r["accuracy"], 3) for r in rounds if r.get("accuracy") is not None]
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", proc.stderr).group(1)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     printed = proc.stdout.strip().splitlines()[-1]
     result = {"benchmark": "default_run", "command": "/usr/bin/time -v fedtt run",
               "wall_clock": wall, "peak_rss_kb": rss, "cpus": os.cpu_count(),
-              "printed": printed, "summary": summary}
+              "printed": printed, "accuracy_by_round": curve, "summary": summary}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"fedtt run: {wall} wall, peak RSS {rss / 1e6:.2f} GB; it printed: {printed}")
 

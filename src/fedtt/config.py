@@ -88,7 +88,7 @@ class DataConfig:
         "help": "Share of the training rows held out (seeded) as a validation split, for "
                 "choosing settings without the test split: evaluated with the test split "
                 "(val_accuracy, val_loss in rounds.jsonl); 0 = none.", "min": 0, "below": 1})
-    partition: str = field(default="dirichlet", metadata={
+    partition: str = field(default="iid", metadata={
         "help": "iid, dirichlet (label skew with alpha) or pathological (k classes each).",
         "choices": ("iid", "dirichlet", "pathological")})
     alpha: float = field(default=0.5, metadata={
