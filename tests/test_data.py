@@ -10,7 +10,6 @@ import json
 import math
 import re
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -156,10 +155,8 @@ def test_builtin_loads_from_parsed_cache_without_fetching(name, monkeypatch):
     def offline(*a, **k):
         raise FetchError("offline")
 
-    monkeypatch.setattr(data.tasks, "fetch_package", offline)
-    start = time.perf_counter()
+    monkeypatch.setattr(data.tasks, "fetch_package", offline)  # parsing again would fetch
     task = data.load_task(name)
-    assert time.perf_counter() - start < 5
     check_task_shape(task)
 
 
@@ -381,10 +378,7 @@ def rows_of(parts: list[datasets.Dataset]) -> list[list[int]]:
                                             (50, 50)])
 def test_iid_partitions_are_balanced_and_cover_everything(n, clients):
     ds = labelled(n, 2)
-    start = time.perf_counter()
     parts = data.partition(ds, clients, scheme="iid", seed=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 15, f"{clients} IID partitions took {elapsed:.1f}s"
     sizes = [len(p) for p in parts]
     assert len(parts) == clients and max(sizes) - min(sizes) <= 1
     rows = rows_of(parts)
