@@ -302,11 +302,13 @@ def accuracy_within(rec: dict, budget: float) -> float:
 
 
 def epochs(rec: dict) -> float:
-    """Local epochs per client over the run (the mean client's rows)."""
-    cfg = rec["config"]
-    t, f = cfg.get("training", {}), cfg["federation"]
-    rows = sum(map(sum, rec["label_counts"])) / len(rec["label_counts"])
-    return f["rounds"] * t.get("local_steps", 10) * t.get("batch_size", 32) / rows
+    """Local epochs per client over the run: the examples all clients trained on (the rounds
+    each client took part in, as recorded) over all their rows, so a sampled client counts
+    only the rounds it was picked."""
+    t = rec["config"].get("training", {})
+    trained = sum(len(r["clients"] or []) for r in rec["rounds"] if r["round"] > 0)
+    rows = sum(map(sum, rec["label_counts"]))
+    return trained * t.get("local_steps", 10) * t.get("batch_size", 32) / rows
 
 
 def draw(recs: dict[str, dict[int, dict]], path: Path, title: str,

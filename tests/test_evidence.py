@@ -181,3 +181,16 @@ def test_the_majority_share_is_that_of_the_split_a_seed_scores_on() -> None:
     share = report.majority_share("bbc-news", 1)
     assert share == max(labels.count(c) for c in range(5)) / len(labels)
     assert 0.2 < share < 0.3  # five topics, none the majority of the test rows
+
+
+def test_epochs_count_only_the_rounds_a_client_took_part_in() -> None:
+    """10 clients of 80 rows, 4 rounds of 5 steps x 16 = 80 examples: all clients every round
+    is 4 epochs each; 2 sampled per round is 8 participations over 10 clients, 0.8 epoch."""
+    def rec(picked: int) -> dict:
+        rounds = [{"round": 0, "clients": []}] + [
+            {"round": r, "clients": list(range(picked))} for r in (1, 2, 3, 4)]
+        return {"config": {"training": {"local_steps": 5, "batch_size": 16}},
+                "rounds": rounds, "label_counts": [[40, 40]] * 10}
+
+    assert report.epochs(rec(10)) == pytest.approx(4.0)
+    assert report.epochs(rec(2)) == pytest.approx(0.8)
