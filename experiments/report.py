@@ -500,15 +500,13 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
                      img, "c3-controls")
     c4 = []
     for eps in ("6", "3", "1"):
-        cells = {f"{label} ε={eps}": f"c4-privacy/movie-reviews-{key}-eps{eps}"
-                 for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))}
-        cells.update({f"{label} no DP": f"c4-privacy/movie-reviews-{key}-epsnone"
-                      for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))})
+        runs = {label: (f"c4-privacy/movie-reviews-{key}-eps{eps}",
+                        f"c4-privacy/movie-reviews-{key}-epsnone")
+                for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))}
+        cells = {f"{label} ε={eps}": dp for label, (dp, _) in runs.items()}
+        cells.update({f"{label} no DP": clear for label, (_, clear) in runs.items()})
         title = f"C4 privacy, movie reviews, IID, 3 clients, ε={eps}"
-        questions = privacy_lines(results, eps, {
-            label: (f"c4-privacy/movie-reviews-{key}-eps{eps}",
-                    f"c4-privacy/movie-reviews-{key}-epsnone")
-            for label, key in (("FedTT", "fedtt"), ("LoRA r=8", "lora"))}, verdicts, title)
+        questions = privacy_lines(results, eps, runs, verdicts, title)
         c4 += comparison(results, title, cells, [(f"FedTT ε={eps}", f"LoRA r=8 ε={eps}")], 0.0,
                          "every method clearly above the majority class at ε=6 (the whole "
                          "interval above it); FedTT loses less to DP than LoRA (each method's "
