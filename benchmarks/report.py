@@ -29,7 +29,7 @@ SKIP = re.compile(r"(^|_)(pids?|run_id)$")
 LINES = ("versions", "machine")
 # Fields that name a row of a list of results (deployment cases, robustness scenarios).
 LABELS = ("model", "isolation", "scenario", "name", "case", "method", "kind")
-LIST_IN_FULL = 8  # longer lists of numbers are summarised (count, median, range)
+LIST_IN_FULL = 12  # longer lists of numbers are summarised (count, median, range)
 TRANSPOSE_OVER = 8  # a table with more columns than this and than rows is drawn transposed
 # `fedtt plan` settings of the `plan_<model><variant>.json` files, by variant.
 PLAN_VARIANTS = {
