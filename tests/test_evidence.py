@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedtt.config import load_config
+from fedtt.data import tasks
+from fedtt.fetch import FetchError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
@@ -171,11 +173,11 @@ def test_privacy_lines_judge_each_dp_cell_against_the_majority_and_the_loss_to_d
     assert cost["verdict"] == "met" and lines[-1].endswith("**met**")
 
 
+@pytest.mark.integration
 def test_the_majority_share_is_that_of_the_split_a_seed_scores_on() -> None:
-    data = pytest.importorskip("fedtt.data.tasks")
     try:
-        task = data.load_task("bbc-news", seed=1)
-    except data.FetchError:
+        task = tasks.load_task("bbc-news", seed=1)
+    except FetchError:
         pytest.skip("bbc-news is not cached and the network is off")
     labels = task.test["label"]
     share = report.majority_share("bbc-news", 1)
