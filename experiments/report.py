@@ -401,6 +401,15 @@ def summary_section(c1: dict, verdicts: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def run_seconds(rec: dict) -> float:
+    """A run's wall time: its summary's, plus that of the rounds before a resume (a resumed
+    run's summary times only the invocation that finished it)."""
+    before = rec["summary"].get("resumed_from_round")
+    earlier = 0.0 if before is None else sum(
+        r["seconds"] for r in rec["rounds"] if r["round"] <= before)
+    return rec["summary"]["wall_seconds"] + earlier
+
+
 def compute_section(results: Path) -> list[str]:
     """What the recorded runs cost (their wall time on this project's 2-core machines) and
     what the pending ones would, estimated from the finished runs of the same group."""
@@ -418,7 +427,7 @@ def compute_section(results: Path) -> list[str]:
         names = runner.configs([f"{group}/*"])
         done = [runner.read_record(p) for name in names for p in
                 [*(results / name).glob("seed*.json"), *(results / "select" / name).glob("*.json")]]
-        seconds = [r["summary"]["wall_seconds"] for r in done]
+        seconds = [run_seconds(r) for r in done]
         todo = 0
         for name in names:
             todo += max(0, runner.evidence(name).get("seeds", len(runner.SEEDS))

@@ -26,7 +26,9 @@ and test accuracy for reporting; the test split is never used to choose anything
 Every finished run leaves a record, `results/<group>/<name>/seed<S>.json` (selection runs:
 `results/select/<group>/<name>/lr<rate>.json`); a record that exists is never run again, so
 an interrupted invocation, or one on a fresh machine with no `runs/`, continues from what is
-committed. Runs go to `runs/experiments/` (not committed).
+committed. Runs go to `runs/experiments/` (not committed); a run the interruption killed
+part-way continues from its checkpoint there (`fedtt run --resume`, which equals an
+uninterrupted run) when it is still there and of the same config, seed and rate.
 """
 
 from __future__ import annotations
@@ -176,9 +178,35 @@ class Job:
         self.out = RUNS / tag
 
     def command(self, config: Path) -> list[str]:
+        """A fresh run; or, when this job's own run was killed part-way (an interrupted
+        invocation), its continuation from the checkpoint, which equals an uninterrupted run."""
+        if self.resumable(config):
+            return [sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--resume",
+                    str(self.out)]
         return [sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--config", str(config),
-                "--out", str(self.out), "--overwrite",
-                "--set", f"training.seed={self.seed}", "--set", f"training.lr={self.lr}"]
+                "--out", str(self.out), "--overwrite", *self.overrides()]
+
+    def overrides(self) -> list[str]:
+        return ["--set", f"training.seed={self.seed}", "--set", f"training.lr={self.lr}"]
+
+    def resumable(self, config: Path) -> bool:
+        """Whether `self.out` holds an unfinished run of exactly this config, seed and rate."""
+        from fedtt.config import load_config
+        from fedtt.federated import checkpoint
+        from fedtt.results import CHECKPOINT, read_summary
+
+        if not (self.out / CHECKPOINT).exists():
+            return False
+        out = {"output.dir": str(self.out)}
+        try:
+            summary = read_summary(self.out)
+            if summary is not None and summary.get("status") == "completed":
+                return False
+            same = load_config(self.out / "config.toml", values=out) == load_config(
+                config, self.overrides()[1::2], out)
+            return same and checkpoint.load(self.out)["clients"] is not None
+        except (OSError, ValueError):  # a damaged run directory or checkpoint: start afresh
+            return False
 
 
 def run_jobs(jobs: list[Job], workers: int, commit: bool) -> list[str]:

@@ -4,12 +4,16 @@ on validation with the grid extended at an edge; the report's paired intervals a
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import crash_at, tiny
 
-from fedtt.config import load_config
+from fedtt import results
+from fedtt.cli import main
+from fedtt.config import load_config, to_toml
 from fedtt.data import tasks
 from fedtt.fetch import FetchError
 
@@ -196,3 +200,44 @@ def test_epochs_count_only_the_rounds_a_client_took_part_in() -> None:
 
     assert report.epochs(rec(10)) == pytest.approx(4.0)
     assert report.epochs(rec(2)) == pytest.approx(0.8)
+
+
+def test_a_job_killed_part_way_resumes_its_own_run_and_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted invocation leaves its runs with a checkpoint and no summary: the next
+    one resumes a run of exactly its job (config, seed, rate) and starts anything else afresh;
+    the finished run's wall time counts the rounds before the resume."""
+    monkeypatch.setattr(runner, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(runner, "RUNS", tmp_path / "runs")
+    job = runner.Job("g/cell", 0, 0.01, runner.record_path("g/cell", 0))
+    cfg = tiny(tmp_path, **{"training.seed": 0, "training.lr": 0.01, "training.threads": 1,
+                            "federation.rounds": 4, "output.dir": str(job.out)})
+    crash_at(cfg, monkeypatch, 3)
+    config = tmp_path / "cell.toml"
+    config.write_text(to_toml(cfg))
+    assert "--resume" in job.command(config)
+    for other in (runner.Job("g/cell", 1, 0.01, job.record), runner.Job("g/cell", 0, 0.02,
+                                                                         job.record)):
+        assert not other.resumable(config) and "--overwrite" in other.command(config)
+    damaged = runner.Job("g/damaged", 0, 0.01, runner.record_path("g/damaged", 0))
+    shutil.copytree(job.out, damaged.out)
+    (damaged.out / results.CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert "--overwrite" in damaged.command(config)
+
+    command = job.command(config)
+    assert command[:3] == [sys.executable, "-m", "fedtt.cli"]
+    assert main(command[3:]) == 0
+    rec = {"summary": results.read_summary(job.out), "rounds": results.read_rounds(job.out)}
+    assert rec["summary"]["status"] == "completed"
+    assert rec["summary"]["resumed_from_round"] == 2
+    assert [r["round"] for r in rec["rounds"]] == [0, 1, 2, 3, 4]
+    assert report.run_seconds(rec) == pytest.approx(
+        rec["summary"]["wall_seconds"] + sum(r["seconds"] for r in rec["rounds"][:3]))
+    assert not job.resumable(config)  # finished: a new invocation writes its record or reruns
+
+
+def test_a_runs_wall_time_is_its_summarys_unless_it_was_resumed() -> None:
+    rounds = [{"round": r, "seconds": s} for r, s in ((0, 2.0), (1, 3.0), (2, 4.0))]
+    assert report.run_seconds({"summary": {"wall_seconds": 10.0}, "rounds": rounds}) == 10.0
+    assert report.run_seconds({"summary": {"wall_seconds": 10.0, "resumed_from_round": 1},
+                               "rounds": rounds}) == 15.0
