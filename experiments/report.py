@@ -414,8 +414,9 @@ def compute_section(results: Path) -> list[str]:
     """What the recorded runs cost (their wall time on this project's 2-core machines) and
     what the pending ones would, estimated from the finished runs of the same group."""
     lines = ["## Compute", "", "Wall time of each run as its summary records it (2 runs at a "
-             "time on 2 cores, one thread each); pending runs are estimated from the median "
-             "finished run of the same group (selection runs included).", "",
+             "time on 2 cores, one thread each); pending runs are estimated from their rounds "
+             "and the median seconds per round of the same group's finished runs (selection "
+             "runs included).", "",
              "| group | runs recorded | hours recorded | runs pending | hours pending (est.) |",
              "|---|---|---|---|---|"]
     def hours(seconds: float) -> float:  # wall-clock, 2 runs at a time
@@ -428,17 +429,20 @@ def compute_section(results: Path) -> list[str]:
         done = [runner.read_record(p) for name in names for p in
                 [*(results / name).glob("seed*.json"), *(results / "select" / name).glob("*.json")]]
         seconds = [run_seconds(r) for r in done]
-        todo = 0
+        todo = todo_rounds = 0
         for name in names:
-            todo += max(0, runner.evidence(name).get("seeds", len(runner.SEEDS))
-                        - len(list((results / name).glob("seed*.json"))))
+            runs = max(0, runner.evidence(name).get("seeds", len(runner.SEEDS))
+                       - len(list((results / name).glob("seed*.json"))))
             if (runner.selects(name) == name
                     and not any((results / "select" / name).glob("lr*.json"))):
-                todo += len(runner.evidence(name).get("grid", runner.LR_GRID))
-        typical = statistics.median(seconds) if seconds else None
-        est = "" if typical is None else f"{hours(todo * typical):.1f}"
+                runs += len(runner.evidence(name).get("grid", runner.LR_GRID))
+            todo += runs
+            todo_rounds += runs * runner.load(name)["federation"]["rounds"]
+        per_round = statistics.median(
+            run_seconds(r) / r["summary"]["rounds"] for r in done) if done else None
+        est = "" if per_round is None else f"{hours(todo_rounds * per_round):.1f}"
         total_done += hours(sum(seconds))
-        total_todo += hours(todo * typical) if typical else 0.0
+        total_todo += hours(todo_rounds * per_round) if per_round else 0.0
         lines.append(f"| {group} | {len(done)} | {hours(sum(seconds)):.1f} | {todo} | "
                      f"{est or 'unknown (no finished run)'} |")
     lines += ["", f"Hours are wall-clock at 2 runs at a time: {total_done:.1f} h recorded, "

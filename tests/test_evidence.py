@@ -114,17 +114,21 @@ def test_compute_section_counts_recorded_and_pending_runs(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     name = "c2-parity/bbc-news-fedtt-iid"
     (tmp_path / name).mkdir(parents=True)
-    for seed, seconds in ((0, 600.0), (1, 1200.0)):
+    rounds = runner.load(name)["federation"]["rounds"]
+    for seed, seconds in ((0, 600.0), (1, 1200.0)):  # each ran half the config's rounds
         (tmp_path / name / f"seed{seed}.json").write_text(json.dumps(
-            {"seed": seed, "summary": {"wall_seconds": seconds}}))
+            {"seed": seed, "summary": {"wall_seconds": seconds, "rounds": rounds // 2},
+             "rounds": []}))
     monkeypatch.setattr(runner, "configs", lambda only: [name] if only in ([], ["c2-parity/*"])
                         else [])
     lines = report.compute_section(tmp_path)
     row = next(line for line in lines if line.startswith("| c2-parity"))
     pending = len(runner.SEEDS) - 2
-    # 2 recorded runs of 0.25 h at 2 at a time; pending runs at the median (900 s), 2 at a time
+    # 2 recorded runs of 0.25 h at 2 at a time; a pending run of the config's full rounds
+    # costs twice the median recorded run (900 s), 2 at a time
+    assert rounds % 2 == 0
     assert row == (f"| c2-parity | 2 | {1800 / 2 / 3600:.1f} | {pending} | "
-                   f"{pending * 900 / 2 / 3600:.1f} |")
+                   f"{pending * 1800 / 2 / 3600:.1f} |")
 
 
 def test_a_cause_line_only_when_the_claim_is_not_met_and_the_ablation_is_measured() -> None:
