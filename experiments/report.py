@@ -413,10 +413,10 @@ def run_seconds(rec: dict) -> float:
 def compute_section(results: Path) -> list[str]:
     """What the recorded runs cost (their wall time on this project's 2-core machines) and
     what the pending ones would, estimated from the finished runs of the same group."""
-    lines = ["## Compute", "", "Wall time of each run as its summary records it (2 runs at a "
-             "time on 2 cores, one thread each); pending runs are estimated from their rounds "
-             "and the median seconds per round of the same group's finished runs (selection "
-             "runs included).", "",
+    lines = ["## Compute", "", "Wall time of each run as its summary records it, plus its "
+             "rounds before a resume (2 runs at a time on 2 cores, one thread each); pending "
+             "runs are estimated from their rounds and the median seconds per round of the "
+             "same group's finished runs (selection runs included).", "",
              "| group | runs recorded | hours recorded | runs pending | hours pending (est.) |",
              "|---|---|---|---|---|"]
     def hours(seconds: float) -> float:  # wall-clock, 2 runs at a time

@@ -184,10 +184,12 @@ class Job:
             return [sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--resume",
                     str(self.out)]
         return [sys.executable, "-m", "fedtt.cli", "run", "--quiet", "--config", str(config),
-                "--out", str(self.out), "--overwrite", *self.overrides()]
+                "--out", str(self.out), "--overwrite",
+                *[arg for value in self.settings() for arg in ("--set", value)]]
 
-    def overrides(self) -> list[str]:
-        return ["--set", f"training.seed={self.seed}", "--set", f"training.lr={self.lr}"]
+    def settings(self) -> list[str]:
+        """The job's `--set` values over its config."""
+        return [f"training.seed={self.seed}", f"training.lr={self.lr}"]
 
     def resumable(self, config: Path) -> bool:
         """Whether `self.out` holds an unfinished run of exactly this config, seed and rate."""
@@ -203,7 +205,7 @@ class Job:
             if summary is not None and summary.get("status") == "completed":
                 return False
             same = load_config(self.out / "config.toml", values=out) == load_config(
-                config, self.overrides()[1::2], out)
+                config, self.settings(), out)
             return same and checkpoint.load(self.out)["clients"] is not None
         except (OSError, ValueError):  # a damaged run directory or checkpoint: start afresh
             return False
