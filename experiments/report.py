@@ -438,8 +438,8 @@ def compute_section(results: Path) -> list[str]:
                 runs += len(runner.evidence(name).get("grid", runner.LR_GRID))
             todo += runs
             todo_rounds += runs * runner.load(name)["federation"]["rounds"]
-        per_round = statistics.median(
-            run_seconds(r) / r["summary"]["rounds"] for r in done) if done else None
+        per_round = statistics.median(s / r["summary"]["rounds"] for s, r in zip(
+            seconds, done, strict=True)) if done else None
         est = "" if per_round is None else f"{hours(todo_rounds * per_round):.1f}"
         total_done += hours(sum(seconds))
         total_todo += hours(todo_rounds * per_round) if per_round else 0.0
