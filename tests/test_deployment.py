@@ -197,6 +197,31 @@ def test_repository_is_a_flower_app(tmp_path):
     assert len(fabs) == 1 and fabs[0].stat().st_size < 10 * 2**20
 
 
+def test_repository_app_config_leaves_a_runs_fedtt_config_alone():
+    """Flower merges an app's declared keys into every run config: the repository's own must
+    not override the fedtt TOML a run brings (a run given only `fedtt-config` runs it as
+    written), while a value given for one of them does."""
+    import tomllib
+
+    from fedtt.config import load_config, to_toml
+    from fedtt.federated.runtime import CONFIG_KEY, config_from_run_config
+
+    repo = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    mine = load_config(None, values={
+        "federation.rounds": 7, "federation.num_clients": 5, "model.name": "smollm2",
+        "data.task": "bbc-news", "output.dir": "/somewhere/absolute"})
+    merged = config_from_run_config({**declared, CONFIG_KEY: to_toml(mine)})
+    assert to_toml(merged) == to_toml(mine)
+    assert {k for k in declared if "." in k} == {
+        "federation.rounds", "federation.num_clients", "model.name", "data.task", "output.dir"}
+    given = config_from_run_config({**declared, CONFIG_KEY: to_toml(mine),
+                                    "federation.rounds": 2, "data.task": "movie-reviews"})
+    assert (given.federation.rounds, given.data.task) == (2, "movie-reviews")
+    assert given.federation.num_clients == 5
+
+
 def test_deploy_resumes_a_killed_run_on_fresh_supernodes(tmp_path, flower_env, monkeypatch,
                                                         capsys):
     """`fedtt deploy --resume DIR`: the ServerApp continues from the checkpoint; the new

@@ -28,7 +28,9 @@ INPROCESS_KEY = "fedtt-inprocess"  # run_config key: clients share the server's 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """A RunConfig from Flower's run config: TOML text under CONFIG_KEY, then any flat
-    `section.key` entries as overrides (how `flwr run --run-config` passes values)."""
+    `section.key` entries as overrides (how `flwr run --run-config` passes values). An entry
+    whose value is "" is unset: Flower merges an app's declared keys into every run config, and
+    the repository's app declares its overridable keys as "" so they leave the TOML alone."""
     import tomllib
 
     cfg = RunConfig()
@@ -36,7 +38,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     if text:
         apply(cfg, tomllib.loads(str(text)))
     for key, value in run_config.items():
-        if key != CONFIG_KEY and "." in key:
+        if key != CONFIG_KEY and "." in key and value != "":
             apply(cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: value}})
     cfg.validate()
     return cfg
