@@ -142,6 +142,17 @@ def test_lora_trains_norms_only_when_asked(arch, train_norms):
     assert any("lora_B" in n for n in trained)
 
 
+def test_building_lora_warns_about_nothing():
+    """peft reads a property transformers deprecated; a user's `fedtt plan` or run must not
+    print that FutureWarning once per LoRA build."""
+    import warnings
+
+    model = load_model("arch:tiny-bert", 3, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_method("lora", cfg=LoRAConfig()).build(model, seed=0)
+
+
 def test_lora_rejects_tensorized_head():
     with pytest.raises(ValueError, match="tensorize"):
         build("arch:tiny-bert", "lora", head="tensorize")

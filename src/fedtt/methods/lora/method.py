@@ -7,6 +7,8 @@ makes the average of the products B A exact.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -49,7 +51,10 @@ class LoRA(Method):
         torch.manual_seed(seed)  # peft draws A from the global generator
         config = LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha,
                             target_modules=targets, lora_dropout=0.0, bias="none")
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads a property transformers deprecated
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                    FutureWarning)
+            model = get_peft_model(model, config)
         for name, p in model.named_parameters():
             if HEAD_PARAM.search(name):
                 p.requires_grad_(True)
