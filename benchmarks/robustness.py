@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -201,7 +202,7 @@ def pytest_checks() -> list[dict]:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                *args], cwd=ROOT, capture_output=True, text=True)
         last = (proc.stdout.strip().splitlines() or [""])[-1]
-        out.append({"check": label, "command": "pytest -q " + " ".join(args), "outcome": last,
+        out.append({"check": label, "command": shlex.join(["pytest", "-q", *args]), "outcome": last,
                     "passed": proc.returncode == 0})
         print(f"{label}: {last}", flush=True)
     return out
