@@ -261,16 +261,25 @@ def select_rates(names: list[str], workers: int,
         failed += run_jobs([Job(name, SELECT_SEED, lr, record_path(name, lr=lr))
                             for name, grid in grids.items() for lr in grid], workers, commit)
         for name, grid in list(grids.items()):
-            scores = selection_scores(name)
-            best = max(scores, key=scores.get) if scores else None
-            if best is not None and attempt < MAX_EXTENSIONS and best in (min(grid), max(grid)):
-                grid[:] = [best / 2] + grid if best == min(grid) else grid + [best * 2]
+            tied = best_rates(selection_scores(name))
+            if tied and attempt < MAX_EXTENSIONS and (min(grid) in tied or max(grid) in tied):
+                low = min(grid) in tied  # a best rate at an edge, tied or not: look beyond it
+                grid[:] = [min(grid) / 2] + grid if low else grid + [max(grid) * 2]
                 continue
-            rates[name] = best
+            rates[name] = tied[0] if tied else None  # ties go to the smaller rate
             del grids[name]
         if not grids:
             break
     return rates, failed
+
+
+def best_rates(scores: dict[float, float]) -> list[float]:
+    """The rates with the best score, smallest first. Scores are compared to 6 decimals: two
+    runs right on the same rows of a split differ only by float rounding, and that is a tie."""
+    if not scores:
+        return []
+    top = max(round(v, 6) for v in scores.values())
+    return sorted(lr for lr, v in scores.items() if round(v, 6) == top)
 
 
 def selection_scores(name: str) -> dict[float, float]:
