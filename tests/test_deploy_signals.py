@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 from helpers import tiny_deployed as tiny
 
 from fedtt.config import to_toml
@@ -214,6 +215,8 @@ def test_killed_supernode_is_reported_within_seconds(tmp_path):
     # recorded once, under its own node (not as a reply from the SuperLink, node 1)
     assert [f["node"] for f in row["failed"]] == [node_id], row["failed"]
     assert row["rejected"] == [], row["rejected"]
-    delay = seen["recorded"] - seen["killed"]
-    assert delay < 25, f"round 1 recorded {delay:.1f} s after the kill"
-    print(f"\nkilled SuperNode: round 1 recorded {delay:.1f} s later")
+    # Flower's own unavailable-node reply, not the round's 600 s timeout (which would also
+    # outlast the 240 s the run is given): how the strategy hears of a node that is gone
+    (failure,) = row["failed"]
+    assert failure["reason"] == f"client error: {NODE_UNAVAILABLE_ERROR_REASON}", failure
+    print(f"\nkilled SuperNode: round 1 recorded {seen['recorded'] - seen['killed']:.1f} s later")

@@ -151,9 +151,13 @@ def test_preset_in_the_run_config():
 
 # --- preset "": nothing changes -----------------------------------------------------------------
 
-# Taken from the code before presets existed (fedtt, seed 0, 3 labels): adapter tensors,
-# adapter numel, trainable numel, sha256[:16] of the newline-joined adapter parameter names,
-# and the sum of |adapter values| for init identity and gaussian.
+# A regression pin, on purpose: the committed evidence (results/) was run with the defaults as
+# they were before presets existed, and preset "" must rebuild them bit for bit (fedtt, seed 0,
+# 3 labels). Adapter tensors: 2 layers x 2 sites x (4 + 4 cores + 2 biases) = 40; adapter
+# numel: 4 x (380 + 380 + 64 + 32) = 3,424, a TT matrix 32 <-> 64 at rank 5 with modes
+# (8, 4, 8, 8) (up: 8, 8, 4, 8) holding 1*8*5 + 5*4*5 + 5*8*5 + 5*8*1 = 380; the trainable
+# numel adds each model's norms and head. The names' digest and the sum of |adapter values|
+# for each init were taken from that code: they pin the order of parameters and of the draws.
 BEFORE = {
     "arch:tiny-bert": (40, 3424, 3843, "cd34fc59acfcef32"),
     "arch:tiny-roberta": (40, 3424, 4899, "8a4d28eb0493e202"),
@@ -166,11 +170,7 @@ ABS_SUM = {"identity": 698.9696168587398, "gaussian": 736.1185372472828}
 @pytest.mark.parametrize("init", ["identity", "gaussian"])
 def test_empty_preset_reproduces_the_old_defaults(arch, init):
     model, _ = build(arch, init=init, preset="")
-    same, _ = build(arch, init=init)
-    params, again = dict(model.named_parameters()), dict(same.named_parameters())
-    assert list(params) == list(again)
-    assert all(torch.equal(p, again[n]) and p.requires_grad == again[n].requires_grad
-               for n, p in params.items())
+    params = dict(model.named_parameters())
     adapters = [n for n in params if ADAPTER_PREFIX in n]
     n_tensors, numel, trainable, digest = BEFORE[arch]
     assert len(adapters) == n_tensors
@@ -197,9 +197,11 @@ def test_roberta_base_counts_match_loretta_exactly():
     with_norms = plan("arch:roberta-base", ["fedtt"], AdapterConfig(preset="loretta"))
     without = plan("arch:roberta-base", ["fedtt"],
                    AdapterConfig(preset="loretta", train_norms=False))
-    assert with_norms["methods"]["fedtt"]["trainable_params"] == 99_194  # LoRETTA: ~0.10M
-    assert without["methods"]["fedtt"]["trainable_params"] == 60_794     # LoRETTA: 0.061M
-    assert round(99_194 / 1e6, 2) == 0.10 and round(60_794 / 1e6, 3) == 0.061
+    # LoRETTA's table: about 0.10M with the norms, 0.061M without
+    assert with_norms["methods"]["fedtt"]["trainable_params"] == 99_194
+    assert without["methods"]["fedtt"]["trainable_params"] == 60_794
+    assert with_norms["methods"]["fedtt"]["trainable_params"] - without["methods"]["fedtt"][
+        "trainable_params"] == norms
 
 
 def test_llama_2_7b_counts_against_loretta():
