@@ -58,8 +58,10 @@ def test_every_method_fine_tunes_a_causal_lm(tmp_path, method):
     for r in rounds:
         assert r["accuracy"] is None and r["macro_f1"] is None
         assert r["perplexity"] == pytest.approx(torch.tensor(r["loss"]).exp().item(), rel=1e-6)
-    if method in ("fedtt", "lora"):
-        assert rounds[-1]["loss"] < rounds[0]["loss"] - 0.05, [r["loss"] for r in rounds]
+    # every method lowers the held-out loss; fedtt and lora (which train every tensor they
+    # own each round) by a clear margin in these 10 steps
+    margin = 0.05 if method in ("fedtt", "lora") else 0.0
+    assert rounds[-1]["loss"] < rounds[0]["loss"] - margin, [r["loss"] for r in rounds]
     assert summary["final_accuracy"] is None and summary["best_accuracy"] is None
     assert summary["final_perplexity"] == rounds[-1]["perplexity"]
     assert summary["best_loss"] == min(r["loss"] for r in rounds)

@@ -88,7 +88,7 @@ def test_dropout_after_sharing_keys_is_survived(tmp_path):
                                      **sets, **{"federation.secure_aggregation": True})
     info = rounds[1]["secagg"]
     assert summary["status"] == "completed"
-    assert info["dropped"] == [None] or info["dropped"] == [1]
+    assert info["dropped"] == [None]  # it never replied, so it never named its partition
     assert sorted(rounds[1]["clients"]) == [0, 2]
     assert_within_bound(secure, plain, info["error_bound"])
 
