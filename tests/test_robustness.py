@@ -4,6 +4,7 @@ data errors are reported before any training, naming the key or row."""
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,34 @@ def expected_global():
     return server.strategy.global_state
 
 
+# What each mutation must be rejected for (a regex of the reason): a reply refused for some
+# other reason would hide a check that does not work.
+REASONS = {
+    "bad-example-count": r"num-examples = \S+ is not an integer in",
+    "bad-metric": r"metric 'train_loss' is not a finite number",
+    "bad-partition-id": r"partition-id = \S+ is not an integer in",
+    "drop-key": r"expected one array named 'packed', got none",
+    "empty-reply": r"reply has no '(arrays|metrics)' record|partition-id missing",
+    "extra-key": r"expected one array named 'packed', got 'packed', '",
+    "header-lies": r"packed: \d+ bytes, more than the \d+ allowed",
+    "huge-values": r"\|value\| up to \S+ exceeds",
+    "missing-example-count": r"num-examples missing or not a number",
+    "nan-or-inf": r"contains NaN or Inf",
+    "oversized-bytes": r"packed: \d+ bytes, more than the \d+ allowed",
+    "pickled-payload": r"packed: cannot decode .*allow_pickle=False",
+    "renamed-key": r"expected one array named 'packed', got 'packed_x'",
+    "reshaped": r"packed: shape \(\d+, \d+\), expected \(\d+,\)",
+    "truncated-bytes": r"packed: cannot decode .*EOF",
+    "wrong-dtype": r"packed: dtype \w+, expected float32",
+    "wrong-record-type": r"'metrics' is a ConfigRecord, not a MetricRecord",
+    "wrong-shape": r"packed: shape \(\d+,\), expected \(\d+,\)",
+}
+
+
+def test_every_mutation_has_its_reason():
+    assert set(REASONS) == set(MUTATIONS)
+
+
 @given(st.sampled_from(sorted(MUTATIONS)), st.integers(0, 2**32 - 1))
 @settings(max_examples=1000, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
@@ -40,7 +69,8 @@ def test_fuzz_malformed_replies_are_rejected_without_harm(expected_global, mutat
                server.reply(1, server.valid(1, 1))]
     server.strategy.aggregate_train(1, replies)
     stats = server.strategy.stats[1]
-    assert len(stats.rejected) == 1 and stats.rejected[0]["reason"]
+    assert len(stats.rejected) == 1
+    assert re.search(REASONS[mutation], stats.rejected[0]["reason"]), stats.rejected[0]
     assert sorted(stats.clients) == [0, 1]
     for name, value in expected_global.items():
         assert torch.equal(server.strategy.global_state[name], value), name
@@ -53,7 +83,7 @@ def test_every_mutation_is_rejected_and_the_valid_reply_is_not(mutation):
     rules = ReplyRules(server.strategy.global_state, 3, 1000, 1e4)
     check_train_reply(server.valid(2, 2), rules)  # the unspoilt reply passes
     for seed in range(20):
-        with pytest.raises(Rejected):
+        with pytest.raises(Rejected, match=REASONS[mutation]):
             check_train_reply(MUTATIONS[mutation](server.valid(2, 2), random.Random(seed)), rules)
 
 
