@@ -165,7 +165,8 @@ def protocol() -> list[str]:
         "with its own seed, so some of the selection seed's validation rows are test rows of "
         "a reported seed: " + "; ".join(leak_lines()) + ". The rate choice saw how well "
         "those rows were classified by the selection runs, never a reported run's score. A "
-        "train/test split fixed across seeds would remove this; the recorded runs predate it.",
+        "train/test split fixed across seeds (`data.split_seed`) removes this for new runs; "
+        "the recorded runs predate it.",
         "- **Reported score.** The mean of the last two test-set evaluations (full test split; "
         "C6: 100 held-out prompts, 3 seeds) of each run; seeds "
         f"{', '.join(map(str, runner.SEEDS))}; means with 95% Student-t "

@@ -288,3 +288,25 @@ def test_report_table_and_shared_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fedtt" in out and "lora" in out
     assert (tmp_path / "cmp" / "accuracy_vs_mb.png").stat().st_size > 1000
+
+
+def test_split_seed_keeps_the_rows_while_training_seed_changes_the_rest(tmp_path):
+    """data.split_seed fixes the test and validation rows across training seeds; the
+    partition still follows training.seed; unset, the split follows training.seed."""
+    from fedtt.federated.runtime import Runtime
+
+    def rows(seed: int, split: int) -> Runtime:
+        return Runtime(tiny(tmp_path, f"s{seed}-{split}", **{
+            "training.seed": seed, "data.split_seed": split, "data.val_fraction": 0.2}))
+
+    def same(a, b) -> bool:
+        return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+
+    fixed0, fixed1 = rows(0, 7), rows(1, 7)
+    assert same(fixed0.test_data, fixed1.test_data) and same(fixed0.val_data, fixed1.val_data)
+    assert same(fixed0.train_data, fixed1.train_data)
+    assert fixed0.partitions != fixed1.partitions
+    own0, own1 = rows(0, -1), rows(1, -1)
+    assert not same(own0.test_data, own1.test_data)
+    assert same(own0.test_data, rows(0, 0).test_data)
+    assert not same(own0.test_data, fixed0.test_data)

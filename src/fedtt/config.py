@@ -84,6 +84,12 @@ class DataConfig:
         "help": "Optional separate test file; otherwise a seeded split of the data."})
     test_fraction: float = field(default=0.2, metadata={
         "help": "Held-out share for testing.", "above": 0, "below": 1})
+    split_seed: int = field(default=-1, metadata={
+        "help": "Seed of the train/test split, the row samples and the validation split; "
+                "-1 = training.seed. Fix it to score runs of different training.seed on the "
+                "same test rows (and choose settings on validation rows none of them tests "
+                "on); training.seed still draws the partition, the initialisation and the "
+                "sampling.", "min": -1})
     val_fraction: float = field(default=0.0, metadata={
         "help": "Share of the training rows held out (seeded) as a validation split, for "
                 "choosing settings without the test split: evaluated with the test split "

@@ -44,9 +44,15 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
+def split_seed(cfg: RunConfig) -> int:
+    """The seed of a run's train/test split, row samples and validation split:
+    `data.split_seed`, else `training.seed`."""
+    return cfg.data.split_seed if cfg.data.split_seed >= 0 else cfg.training.seed
+
+
 def load_task_data(cfg: RunConfig) -> fdata.TaskData:
     """The run's task, as its `[data]` section names it (`fedtt.data.load`)."""
-    return fdata.load(cfg.data, seed=cfg.training.seed)
+    return fdata.load(cfg.data, seed=split_seed(cfg))
 
 
 def sample_rows(ds, limit: int, seed: int):
@@ -77,11 +83,12 @@ class Runtime:
         self.kind = task.kind  # classification or causal-lm
         self.label_names = task.label_names
         self.num_labels = task.num_labels
-        train = sample_rows(task.train, cfg.data.max_train_examples, seed)
-        test = sample_rows(task.test, cfg.data.max_test_examples, seed)
+        rows = split_seed(cfg)  # which rows train, test and validate
+        train = sample_rows(task.train, cfg.data.max_train_examples, rows)
+        test = sample_rows(task.test, cfg.data.max_test_examples, rows)
         val = None
         if cfg.data.val_fraction > 0:  # held out of training, for choosing settings
-            split = train.train_test_split(test_size=cfg.data.val_fraction, seed=seed)
+            split = train.train_test_split(test_size=cfg.data.val_fraction, seed=rows)
             train, val = split["train"], split["test"]
         parts = fdata.partition(train.add_column("row", list(range(len(train)))),
                                 cfg.federation.num_clients, scheme=cfg.data.partition,
