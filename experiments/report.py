@@ -101,22 +101,26 @@ def upload_wire_per_client(rec: dict) -> float:
 def validation_overlap(task: str, seeds: tuple[int, ...], max_train: int = 0,
                        max_test: int = 0, val_fraction: float = 0.1) -> tuple[int, list[int], int]:
     """How much of the selection runs' validation split is reported test rows. Each run splits
-    train and test with its own seed, then carves validation from its training rows (as the
-    runtime does); so the selection seed's validation rows can be test rows of a reported
-    seed. Returns the validation rows, how many of them (by text) each of `seeds` tests on,
-    and how many any of them does."""
-    from fedtt.data.tasks import load_task
-    from fedtt.federated.runtime import sample_rows
+    train and test with its own seed, then carves validation from its training rows
+    (`runtime.split_rows`); so the selection seed's validation rows can be test rows of a
+    reported seed. Returns the validation rows, how many of them (by text) each of `seeds`
+    tests on, and how many any of them does."""
+    from fedtt.config import load_config
+    from fedtt.federated.runtime import split_rows
+
+    def rows(seed: int) -> tuple:  # (task, train, test, validation) of a run with `seed`
+        return split_rows(load_config(values={
+            "data.task": task, "data.max_train_examples": max_train,
+            "data.max_test_examples": max_test, "data.val_fraction": val_fraction,
+            "training.seed": seed}))
 
     def texts(ds) -> list[str]:
         return ds[ds.column_names[0]]
 
-    seed = runner.SELECT_SEED
-    train = sample_rows(load_task(task, seed=seed).train, max_train, seed)
-    val = texts(train.train_test_split(test_size=val_fraction, seed=seed)["test"])
+    val = texts(rows(runner.SELECT_SEED)[3])
     per_seed, anywhere = [], set()
     for s in seeds:
-        test = set(texts(sample_rows(load_task(task, seed=s).test, max_test, s)))
+        test = set(texts(rows(s)[2]))
         per_seed.append(sum(t in test for t in val))
         anywhere |= test
     return len(val), per_seed, sum(t in anywhere for t in val)
@@ -545,6 +549,7 @@ def selection_section(results: Path) -> list[str]:
              "(%) | chosen | reported runs used |", "|---|---|---|---|"]
     base = results / "select"
     names = sorted(str(p.relative_to(base)) for p in base.glob("*/*") if p.is_dir())
+    chooser = {cell: runner.selects(cell) for cell in runner.configs([])}
     notes = []
     for name in names:
         scores = runner.selection_scores(name)
@@ -553,8 +558,7 @@ def selection_section(results: Path) -> list[str]:
         tied = runner.best_rates(scores)
         chosen = f"{tied[0]:g}" + (f" (tie: {', '.join(f'{x:g}' for x in tied)})"
                                    if len(tied) > 1 else "")
-        used = sorted({rec["lr"] for cell in runner.configs([])
-                       if runner.selects(cell) == name
+        used = sorted({rec["lr"] for cell, chosen_by in chooser.items() if chosen_by == name
                        for rec in records(results, cell).values()})
         grid = ", ".join(f"{lr:g}: " + (f"loss {-v:.3f}" if v < 0 else f"{100 * v:.1f}")
                          for lr, v in sorted(scores.items()))

@@ -211,12 +211,14 @@ def test_validation_overlap_counts_validation_rows_that_a_reported_seed_tests_on
         return Dataset.from_dict({"text": [f"t{i}" for i in range(lo, hi)],
                                   "label": [i % 2 for i in range(lo, hi)]})
 
+    from fedtt.federated import runtime
+
     splits = {runner.SELECT_SEED: (texts(0, 10), texts(10, 20)), 0: (texts(10, 20), texts(0, 10)),
               1: (texts(0, 10), texts(10, 20))}
-    monkeypatch.setattr(tasks, "load_task", lambda task, seed: type(
-        "Split", (), {"train": splits[seed][0], "test": splits[seed][1]}))
+    monkeypatch.setattr(runtime, "load_task_data", lambda cfg: type("Split", (), {
+        "train": splits[cfg.training.seed][0], "test": splits[cfg.training.seed][1]}))
     report.validation_overlap.cache_clear()
-    rows, per_seed, anywhere = report.validation_overlap("fake", (0, 1), val_fraction=0.3)
+    rows, per_seed, anywhere = report.validation_overlap("bbc-news", (0, 1), val_fraction=0.3)
     assert (rows, per_seed, anywhere) == (3, [3, 0], 3)
 
 

@@ -62,6 +62,20 @@ def sample_rows(ds, limit: int, seed: int):
     return ds
 
 
+def split_rows(cfg: RunConfig) -> tuple[fdata.TaskData, Any, Any, Any]:
+    """The run's task and the rows it trains, tests and validates on (validation None when
+    `data.val_fraction` is 0), all drawn with `split_seed`."""
+    task = load_task_data(cfg)
+    rows = split_seed(cfg)
+    train = sample_rows(task.train, cfg.data.max_train_examples, rows)
+    test = sample_rows(task.test, cfg.data.max_test_examples, rows)
+    val = None
+    if cfg.data.val_fraction > 0:  # held out of training, for choosing settings
+        split = train.train_test_split(test_size=cfg.data.val_fraction, seed=rows)
+        train, val = split["train"], split["test"]
+    return task, train, test, val
+
+
 class Runtime:
     """Model, data and method for one run configuration, in this process."""
 
@@ -79,17 +93,10 @@ class Runtime:
         self.compute = devices.resolve(
             cfg.training.device if device is None else device, cfg.model.dtype,
             device_key="training.device" if device is None else "the node config's device")
-        task = load_task_data(cfg)
+        task, train, test, val = split_rows(cfg)
         self.kind = task.kind  # classification or causal-lm
         self.label_names = task.label_names
         self.num_labels = task.num_labels
-        rows = split_seed(cfg)  # which rows train, test and validate
-        train = sample_rows(task.train, cfg.data.max_train_examples, rows)
-        test = sample_rows(task.test, cfg.data.max_test_examples, rows)
-        val = None
-        if cfg.data.val_fraction > 0:  # held out of training, for choosing settings
-            split = train.train_test_split(test_size=cfg.data.val_fraction, seed=rows)
-            train, val = split["train"], split["test"]
         parts = fdata.partition(train.add_column("row", list(range(len(train)))),
                                 cfg.federation.num_clients, scheme=cfg.data.partition,
                                 alpha=cfg.data.alpha,
