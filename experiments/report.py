@@ -8,6 +8,7 @@ yet are listed as pending, with the command that runs them.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
 import sys
@@ -97,30 +98,38 @@ def upload_wire_per_client(rec: dict) -> float:
     return statistics.mean(r["upload_wire_bytes"] / len(r["clients"]) for r in rows)
 
 
+# keys of `[data]` that split a task's rows among clients, not into train, test and validation
+PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "partition_column", "generations")
+
+
+def run_rows(data: dict, seed: int) -> tuple:
+    """`runtime.split_rows` of a run whose config has this `[data]` section and whose
+    training seed is `seed`: its task and the rows it trains, tests and validates on."""
+    return _rows(json.dumps(data, sort_keys=True), seed)
+
+
 @functools.cache
-def validation_overlap(task: str, seeds: tuple[int, ...], max_train: int = 0,
-                       max_test: int = 0, val_fraction: float = 0.1) -> tuple[int, list[int], int]:
-    """How much of the selection runs' validation split is reported test rows. Each run splits
-    train and test with its own seed, then carves validation from its training rows
-    (`runtime.split_rows`); so the selection seed's validation rows can be test rows of a
-    reported seed. Returns the validation rows, how many of them (by text) each of `seeds`
-    tests on, and how many any of them does."""
-    from fedtt.config import load_config
+def _rows(data: str, seed: int) -> tuple:
+    from fedtt.config import from_flat
     from fedtt.federated.runtime import split_rows
 
-    def rows(seed: int) -> tuple:  # (task, train, test, validation) of a run with `seed`
-        return split_rows(load_config(values={
-            "data.task": task, "data.max_train_examples": max_train,
-            "data.max_test_examples": max_test, "data.val_fraction": val_fraction,
-            "training.seed": seed}))
+    values = {f"data.{key}": value for key, value in json.loads(data).items()}
+    return split_rows(from_flat({**values, "training.seed": seed}))
 
+
+def validation_overlap(data: dict, seeds: tuple[int, ...]) -> tuple[int, list[int], int]:
+    """How much of the selection runs' validation split is reported test rows. Unless
+    `data.split_seed` fixes the split, each run splits train and test with its own seed, then
+    carves validation from its training rows; so the selection seed's validation rows can be
+    test rows of a reported seed. Returns the validation rows, how many of them (by text) each
+    of `seeds` tests on, and how many any of them does."""
     def texts(ds) -> list[str]:
         return ds[ds.column_names[0]]
 
-    val = texts(rows(runner.SELECT_SEED)[3])
+    val = texts(run_rows(data, runner.SELECT_SEED)[3])
     per_seed, anywhere = [], set()
     for s in seeds:
-        test = set(texts(rows(s)[2]))
+        test = set(texts(run_rows(data, s)[2]))
         per_seed.append(sum(t in test for t in val))
         anywhere |= test
     return len(val), per_seed, sum(t in anywhere for t in val)
@@ -134,18 +143,18 @@ def leak_lines() -> list[str]:
         chooser = runner.selects(name)
         if chooser is None:
             continue
-        data = runner.load(chooser).get("data", {})
-        key = (data["task"], int(data.get("max_train_examples", 0)),
-               int(data.get("max_test_examples", 0)), float(data.get("val_fraction", 0.0)))
+        data = {k: v for k, v in runner.load(chooser).get("data", {}).items()
+                if k not in PARTITION_KEYS}
+        key = json.dumps(data, sort_keys=True)
         seeds = runner.SEEDS[:runner.evidence(name).get("seeds", len(runner.SEEDS))]
         settings.setdefault(key, set()).update(seeds)
     lines = []
-    for (task, max_train, max_test, fraction), seeds in sorted(settings.items()):
-        if not fraction:
+    for key, seeds in sorted(settings.items()):
+        data = json.loads(key)
+        if not data.get("val_fraction"):
             continue
-        rows, per_seed, anywhere = validation_overlap(task, tuple(sorted(seeds)), max_train,
-                                                      max_test, fraction)
-        lines.append(f"{task}: {min(per_seed)}–{max(per_seed)} of {rows} per reported seed "
+        rows, per_seed, anywhere = validation_overlap(data, tuple(sorted(seeds)))
+        lines.append(f"{data['task']}: {min(per_seed)}–{max(per_seed)} of {rows} per reported seed "
                      f"({anywhere} in at least one of seeds "
                      f"{', '.join(map(str, sorted(seeds)))})")
     return lines
@@ -324,13 +333,10 @@ def over_seeds(differences: dict[int, float]) -> tuple[list[int], float, float] 
     return sorted(differences), *interval([differences[s] for s in sorted(differences)])
 
 
-@functools.cache
-def majority_share(task: str, seed: int) -> float:
-    """Test accuracy of always predicting the most frequent test label of `task` split with
-    `seed` (the split a run with that seed scores on)."""
-    from fedtt.data.tasks import load_task
-
-    labels = load_task(task, seed=seed).test["label"]
+def majority_share(data: dict, seed: int) -> float:
+    """Test accuracy of always predicting the most frequent test label of a run with this
+    `[data]` section and training seed (the rows it scores on)."""
+    labels = run_rows(data, seed)[2]["label"]
     return max(labels.count(c) for c in set(labels)) / len(labels)
 
 
@@ -344,7 +350,7 @@ def privacy_lines(results: Path, eps: str, cells: dict[str, tuple[str, str]],
             for label, (dp, clear) in cells.items()}
     lines = []
     for label, (dp, _) in recs.items():
-        above = {s: test_score(r) - majority(r["config"]["data"]["task"], s)
+        above = {s: test_score(r) - majority(r["config"].get("data", {}), s)
                  for s, r in dp.items()}
         line, _ = judged(f"{label} ε={eps} − majority class", over_seeds(above), 0.0, where,
                          verdicts)

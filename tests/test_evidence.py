@@ -216,10 +216,15 @@ def test_validation_overlap_counts_validation_rows_that_a_reported_seed_tests_on
     splits = {runner.SELECT_SEED: (texts(0, 10), texts(10, 20)), 0: (texts(10, 20), texts(0, 10)),
               1: (texts(0, 10), texts(10, 20))}
     monkeypatch.setattr(runtime, "load_task_data", lambda cfg: type("Split", (), {
-        "train": splits[cfg.training.seed][0], "test": splits[cfg.training.seed][1]}))
-    report.validation_overlap.cache_clear()
-    rows, per_seed, anywhere = report.validation_overlap("bbc-news", (0, 1), val_fraction=0.3)
+        "train": splits[runtime.split_seed(cfg)][0], "test": splits[runtime.split_seed(cfg)][1]}))
+    report._rows.cache_clear()
+    data = {"task": "bbc-news", "val_fraction": 0.3}
+    rows, per_seed, anywhere = report.validation_overlap(data, (0, 1))
     assert (rows, per_seed, anywhere) == (3, [3, 0], 3)
+    # a split fixed across training seeds: validation rows are no reported seed's test rows
+    fixed = report.validation_overlap({**data, "split_seed": runner.SELECT_SEED}, (0, 1))
+    assert fixed == (3, [0, 0], 0)
+    report._rows.cache_clear()
 
 
 def test_selection_section_names_ties_pending_edges_and_rates_the_runs_did_not_use(
@@ -263,7 +268,7 @@ def test_privacy_lines_judge_each_dp_cell_against_the_majority_and_the_loss_to_d
     verdicts: list[dict] = []
     lines = report.privacy_lines(tmp_path, "6", {"FedTT": ("tt-dp", "tt-clear"),
                                                  "LoRA": ("lora-dp", "lora-clear")},
-                                 verdicts, "C4, here", majority=lambda task, seed: shares[seed])
+                                 verdicts, "C4, here", majority=lambda data, seed: shares[seed])
     assert [v["pair"] for v in verdicts] == ["FedTT ε=6 − majority class",
                                              "LoRA ε=6 − majority class",
                                              "LoRA's loss to DP − FedTT's (ε=6)"]
@@ -286,9 +291,15 @@ def test_the_majority_share_is_that_of_the_split_a_seed_scores_on() -> None:
     except FetchError:
         pytest.skip("bbc-news is not cached and the network is off")
     labels = task.test["label"]
-    share = report.majority_share("bbc-news", 1)
+    share = report.majority_share({"task": "bbc-news", "max_test_examples": 0}, 1)
     assert share == max(labels.count(c) for c in range(5)) / len(labels)
     assert 0.2 < share < 0.3  # five topics, none the majority of the test rows
+    # a run's own rows: its sample of the test split, drawn with data.split_seed when set
+    from fedtt.federated import runtime
+
+    sample = {"task": "bbc-news", "max_test_examples": 40, "split_seed": 1}
+    rows = runtime.sample_rows(task.test, 40, 1)["label"]
+    assert report.majority_share(sample, 7) == max(rows.count(c) for c in range(5)) / 40
 
 
 def test_epochs_count_only_the_rounds_a_client_took_part_in() -> None:

@@ -12,13 +12,13 @@ from transformers import AutoModelForSequenceClassification
 from fedtt.cli import main
 from fedtt.export import export_run, load_exported
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.federated.runtime import load_task_data, sample_rows
+from fedtt.federated.runtime import split_rows
 
 
 def finished_run(tmp_path, method, **sets):
     cfg = tiny(tmp_path, method, **{"method.name": method, "federation.rounds": 2, **sets})
     summary = run_inprocess(cfg, quiet=True)
-    test = sample_rows(load_task_data(cfg).test, cfg.data.max_test_examples, cfg.training.seed)
+    test = split_rows(cfg)[2]
     return cfg, summary, list(test["text"]), list(test["label"])
 
 

@@ -14,7 +14,7 @@ from fedtt.errors import ConfigError
 from fedtt.export import export_run, load_exported
 from fedtt.federated import client_app
 from fedtt.federated.inprocess import run_inprocess
-from fedtt.federated.runtime import Runtime, load_task_data, sample_rows
+from fedtt.federated.runtime import Runtime, split_rows
 from fedtt.models import load_model
 from fedtt.train import evaluate, train_local
 from fedtt.verbalizer import VerbalizerLM
@@ -218,7 +218,7 @@ def test_verbalizer_errors_name_the_key(tmp_path):
 def test_verbalizer_run_exports_and_predicts_what_it_evaluated(tmp_path):
     cfg = tiny(tmp_path, **{"model.head": "verbalizer", "federation.rounds": 2})
     summary = run_inprocess(cfg, quiet=True)
-    test = sample_rows(load_task_data(cfg).test, cfg.data.max_test_examples, cfg.training.seed)
+    test = split_rows(cfg)[2]
     predictor = load_exported(export_run(cfg.output.dir, tmp_path / "export"))
     probs = predictor.scores(list(test["text"]))
     accuracy = float((probs.argmax(-1) == torch.tensor(list(test["label"]))).float().mean())
