@@ -641,9 +641,11 @@ def write_report(results: Path, doc: Path, img: Path) -> None:
         title = f"C4 privacy, movie reviews, IID, 3 clients, ε={eps}"
         questions = privacy_lines(results, eps, runs, verdicts, title)
         c4 += comparison(results, title, cells, [(f"FedTT ε={eps}", f"LoRA r=8 ε={eps}")], {},
-                         "every method clearly above the majority class at ε=6 (the whole "
-                         "interval above it); FedTT loses less to DP than LoRA (each method's "
-                         "DP cell against its no-DP cell, paired by seed).", img,
+                         ("every method clearly above the majority class at ε=6 (the whole "
+                          "interval above it); " if eps == "6" else "") + "FedTT loses less to "
+                         "DP than LoRA (each method's DP cell against its no-DP cell, paired "
+                         "by seed)." + ("" if eps == "6" else " The claim asks for the majority "
+                         "class only at ε=6; the same comparison is shown here."), img,
                          f"c4-eps{eps}", verdicts, more=questions)
     cells = {"FedTT": "c5-cross-device/movie-reviews-fedtt-a0.5",
              "LoRA r=8": "c5-cross-device/movie-reviews-lora-a0.5"}
