@@ -266,7 +266,7 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
     spent = [statistics.mean(r["rounds"][-1]["cumulative_wire_bytes"] for r in got.values())
              for got in recs.values() if got]
     budget = min(spent) if spent else 0.0  # the fewest bytes any finished cell sent
-    at_budget = f"at {budget / 1e6:.1f} MB" if budget else "at equal bytes"
+    at_budget = f"at {budget / 1e6:.2f} MB" if budget else "at equal bytes"
     lines = [f"### {title}", "", "| cell | seeds | rate | test accuracy (%) | accuracy (%) "
              f"{at_budget} | upload wire KB per client per round | epochs per client |",
              "|---|---|---|---|---|---|---|"]
@@ -281,8 +281,10 @@ def comparison(results: Path, title: str, cells: dict[str, str], pairs: list[tup
 
     lines += table_rows(recs, cells, 7, row)
     lines += ["", f"Claim: {claim}", "", "*Accuracy at N MB*: each run's last evaluation before "
-              "its cumulative wire bytes (all clients, both ways) passed N, the total of the "
-              "cell that sent the least: the accuracy each method buys with the same bytes.",
+              "its cumulative wire bytes (all clients, both ways) passed N, the mean total of the "
+              "cell that sent the least: the accuracy each method buys with the same bytes. "
+              "A cell whose total is a little above N is scored at its evaluation before its "
+              "last.",
               ""]
     judged_lines, outcomes = judge_pairs(recs, pairs, margins, title, verdicts)
     lines += judged_lines
@@ -361,7 +363,25 @@ def privacy_lines(results: Path, eps: str, cells: dict[str, tuple[str, str]],
             - (test_score(tt_clear[s]) - test_score(tt_dp[s])) for s in seeds}
     line, _ = judged(f"{lora}'s loss to DP − {tt}'s (ε={eps})", over_seeds(cost), 0.0, where,
                      verdicts)
-    return lines + [line]
+    return lines + [line] + dp_loss_context(recs, seeds, eps)
+
+
+def dp_loss_context(recs: dict[str, tuple[dict, dict]], seeds: set[int], eps: str) -> list[str]:
+    """What the loss-to-DP difference is made of, over `seeds` (measured, no verdict): each
+    method's loss to DP, and the two methods without DP, FedTT − LoRA."""
+    if not seeds:
+        return []
+    (tt, (_, tt_clear)), (lora, (_, lora_clear)) = recs.items()
+    losses = [f"{label} " + pct(*interval([test_score(clear[s]) - test_score(dp[s])
+                                           for s in sorted(seeds)]))
+              for label, (dp, clear) in recs.items()]
+    mean, half = interval([test_score(tt_clear[s]) - test_score(lora_clear[s])
+                           for s in sorted(seeds)])
+    lower = mean + half < 0
+    return [f"- Measured, no claim: loss to DP (no DP − ε={eps}) {', '.join(losses)} points; "
+            f"without DP, {tt} − {lora} is {pct(mean, half)} points"
+            + (f", so part of {tt}'s smaller loss is its lower accuracy without DP." if lower
+               else ".")]
 
 
 def cause(outcomes: dict[str, dict], claim: str, ablation: str, change: str,
