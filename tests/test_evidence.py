@@ -51,6 +51,20 @@ def test_selection_scores_validation_never_test() -> None:
     assert report.test_score(record(val=0.7, test=0.9)) == pytest.approx(0.9)
 
 
+def test_accuracy_at_a_budget_counts_bytes_within_its_slack() -> None:
+    """A cell of the same method that sent a few bytes more (its metrics) is scored at its last
+    evaluation; one that sent clearly more, at the evaluation before."""
+    def run(last_bytes: float) -> dict:
+        return {"rounds": [{"accuracy": 0.6, "cumulative_wire_bytes": 500.0},
+                           {"accuracy": None, "cumulative_wire_bytes": 750.0},
+                           {"accuracy": 0.8, "cumulative_wire_bytes": last_bytes}]}
+
+    budget = 1000.0
+    assert report.accuracy_within(run(budget), budget) == 0.8
+    assert report.accuracy_within(run(budget * (1 + report.BYTES_SLACK / 2)), budget) == 0.8
+    assert report.accuracy_within(run(budget * (1 + 2 * report.BYTES_SLACK)), budget) == 0.6
+
+
 def test_score_is_the_mean_of_the_last_two_evaluations() -> None:
     rows = [{"accuracy": 0.1}, {"accuracy": None}, {"accuracy": 0.5}, {"accuracy": 0.7}]
     assert runner.score(rows, "accuracy") == pytest.approx(0.6)
