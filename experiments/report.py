@@ -394,7 +394,7 @@ def cause(outcomes: dict[str, dict], claim: str, ablation: str, change: str,
         return []
     reading = {"met": f"the gap is explained by {suspect}",
                "not met": f"the gap is not explained by {suspect}",
-               "inside the noise": f"whether {suspect} explain the gap is inside the noise"}
+               "inside the noise": f"whether the gap is explained by {suspect} is inside the noise"}
     return [f"- Cause, measured: {claim} is *{c['verdict']}*; {change}, "
             f"{ablation} is {a['difference']} points (*{a['verdict']}*): "
             f"{reading[a['verdict']]}."]
