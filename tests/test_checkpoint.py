@@ -95,6 +95,43 @@ def test_killed_process_resumes_from_the_cli(tmp_path):
     assert_same_run(full.output.dir, cut.output.dir)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_finished_run_continued_to_more_rounds_matches_a_longer_run(tmp_path, case):
+    full = tiny(tmp_path, "full", **{**CASES[case], "federation.rounds": 4})
+    run_inprocess(full, quiet=True)
+    short = tiny(tmp_path, "short", **{**CASES[case], "federation.rounds": 2})
+    run_inprocess(short, quiet=True)
+
+    assert main(["run", "--quiet", "--resume", short.output.dir, "--rounds", "4"]) == 0
+    assert_same_run(full.output.dir, short.output.dir)
+    summary = results.read_summary(short.output.dir)
+    assert summary["status"] == "completed" and summary["rounds"] == 4
+    assert summary["resumed_from_round"] == 2
+    # its config now says 4 rounds, so a later kill resumes to 4 with a plain --resume
+    assert (Path(short.output.dir) / "config.toml").read_text() == \
+        to_toml(tiny(tmp_path, "short", **{**CASES[case], "federation.rounds": 4}))
+
+
+def test_continuing_to_more_rounds_refuses_what_it_cannot_extend(tmp_path, capsys):
+    private = tiny(tmp_path, "dp", **{"federation.rounds": 1, "privacy.enabled": True,
+                                      "privacy.noise_multiplier": 1.0})
+    run_inprocess(private, quiet=True)
+    done = tiny(tmp_path, "done", **{"federation.rounds": 2})
+    run_inprocess(done, quiet=True)
+    before = {p: p.read_bytes() for d in (private, done)
+              for p in Path(d.output.dir).iterdir()}
+
+    assert main(["run", "--resume", private.output.dir, "--rounds", "3"]) == 2
+    assert "private" in capsys.readouterr().err
+    for fewer in ("2", "1"):
+        assert main(["run", "--resume", done.output.dir, "--rounds", fewer]) == 2
+        assert "has 2 rounds" in capsys.readouterr().err
+    assert main(["run", "--rounds", "3", "--out", str(tmp_path / "new")]) == 2
+    assert "--set federation.rounds" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     cfg = tiny(tmp_path, "done", **{"federation.rounds": 1})
     run_inprocess(cfg, quiet=True)

@@ -69,6 +69,9 @@ def _load_run_config(args: argparse.Namespace) -> RunConfig:
     from fedtt.config import ConfigError, load_config
 
     if not args.resume:
+        if getattr(args, "rounds", None) is not None:
+            raise ConfigError("--rounds continues a run with --resume DIR; a new run takes "
+                              "--set federation.rounds=N")
         cfg = load_config(args.config, args.overrides,
                           {"output.dir": args.out} if args.out else None)
         _claim_run_dir(Path(cfg.output.dir), overwrite=args.overwrite)
@@ -79,9 +82,30 @@ def _load_run_config(args: argparse.Namespace) -> RunConfig:
     run_dir = Path(args.resume)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
-    if _status(run_dir) == "completed":
-        raise ConfigError(f"{run_dir} finished already; nothing to resume")
-    return load_config(run_dir / "config.toml", values={"output.dir": str(run_dir)})
+    rounds = getattr(args, "rounds", None)
+    if _status(run_dir) == "completed" and rounds is None:
+        raise ConfigError(f"{run_dir} finished already; nothing to resume (--rounds N "
+                          "continues it to N rounds)")
+    cfg = load_config(run_dir / "config.toml", values={"output.dir": str(run_dir)})
+    return cfg if rounds is None else _extended(cfg, rounds)
+
+
+def _extended(cfg: RunConfig, rounds: int) -> RunConfig:
+    """`cfg` with `rounds` rounds in all: a finished or killed run continued past its end,
+    to what a run of `rounds` rounds from the start would have recorded (save an evaluation
+    at its old last round). Refused under DP, whose noise and budget were set for its rounds."""
+    from fedtt.config import ConfigError, load_config
+
+    planned = cfg.federation.rounds
+    if rounds <= planned:
+        raise ConfigError(f"--rounds {rounds}: the run in {cfg.output.dir} has {planned} "
+                          f"rounds; --rounds continues it to more")
+    if cfg.privacy.enabled:
+        raise ConfigError(f"--rounds: the run in {cfg.output.dir} is private, and its noise and "
+                          f"privacy budget were set for {planned} rounds; start a new run "
+                          "with --set federation.rounds instead")
+    return load_config(Path(cfg.output.dir) / "config.toml",
+                       values={"output.dir": cfg.output.dir, "federation.rounds": rounds})
 
 
 def _claim_run_dir(out: Path, *, overwrite: bool) -> None:
@@ -302,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the killed run in DIR from its last checkpoint")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="with --resume: continue the run (finished or not) to N rounds in all")
     _add_overrides(p)
     p.set_defaults(func=cmd_run)
 
