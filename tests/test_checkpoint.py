@@ -136,7 +136,8 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     cfg = tiny(tmp_path, "done", **{"federation.rounds": 1})
     run_inprocess(cfg, quiet=True)
     assert main(["run", "--resume", cfg.output.dir]) == 2
-    assert "finished already" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finished already" in err and "--rounds N" in err
     assert main(["run", "--resume", cfg.output.dir, "--set", "federation.rounds=3"]) == 2
     assert "leave out" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 2

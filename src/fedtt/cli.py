@@ -84,8 +84,8 @@ def _load_run_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
     rounds = getattr(args, "rounds", None)
     if _status(run_dir) == "completed" and rounds is None:
-        raise ConfigError(f"{run_dir} finished already; nothing to resume (--rounds N "
-                          "continues it to N rounds)")
+        hint = " (fedtt run --rounds N continues it to N rounds)" if args.command == "run" else ""
+        raise ConfigError(f"{run_dir} finished already; nothing to resume{hint}")
     cfg = load_config(run_dir / "config.toml", values={"output.dir": str(run_dir)})
     return cfg if rounds is None else _extended(cfg, rounds)
 
