@@ -2,6 +2,8 @@
 the output schema, the byte ledger against `fedtt plan`, FedTT+'s frozen cores, determinism."""
 
 import json
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,8 @@ def test_every_method_learns_and_writes_the_schema(tmp_path, method, mode):
         assert ROUND_KEYS <= set(r) and r["epsilon"] is None and r["method"] == method
     assert rounds[-1]["loss"] < rounds[0]["loss"]  # the global model improved
     assert saved["final_accuracy"] == summary["final_accuracy"] == rounds[-1]["accuracy"]
+    assert saved["machine"]["arch"] == platform.machine() and saved["machine"]["cpu"]
+    assert saved["machine"]["cores"] == os.cpu_count()  # which machine's floats these are
     assert all(LEDGER_KEYS <= set(row) for row in ledger)
     expected_clients = 3 if mode == "cross-silo" else 4
     assert all(len(r["clients"]) == expected_clients for r in rounds[1:])

@@ -198,7 +198,7 @@ class Recorder:
             "total_upload_wire_bytes": sum(r["upload_wire_bytes"] for r in self.rows),
             "total_download_wire_bytes": sum(r["download_wire_bytes"] for r in self.rows),
             "wall_seconds": time.perf_counter() - self.started,
-            **summary, "versions": versions(),
+            **summary, "versions": versions(), "machine": machine(),
         }
         write_json(self.dir / SUMMARY, summary)
         if plots:
@@ -311,6 +311,19 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def machine() -> dict[str, str | int | None]:
+    """The machine that finished the run: its architecture, CPU model and core count (float
+    results agree to the last digit only on the same kind of CPU)."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "cpu": cpu or "unknown", "cores": os.cpu_count()}
 
 
 def read_rounds(run_dir: str | Path) -> list[dict]:
