@@ -68,8 +68,9 @@ def _load_run_config(args: argparse.Namespace) -> RunConfig:
     or with --resume the killed run's own config.toml, writing into that directory again."""
     from fedtt.config import ConfigError, load_config
 
+    rounds = getattr(args, "rounds", None)  # `deploy` has no --rounds
     if not args.resume:
-        if getattr(args, "rounds", None) is not None:
+        if rounds is not None:
             raise ConfigError("--rounds continues a run with --resume DIR; a new run takes "
                               "--set federation.rounds=N")
         cfg = load_config(args.config, args.overrides,
@@ -82,7 +83,6 @@ def _load_run_config(args: argparse.Namespace) -> RunConfig:
     run_dir = Path(args.resume)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a fedtt run directory (no config.toml)")
-    rounds = getattr(args, "rounds", None)
     if _status(run_dir) == "completed" and rounds is None:
         hint = " (fedtt run --rounds N continues it to N rounds)" if args.command == "run" else ""
         raise ConfigError(f"{run_dir} finished already; nothing to resume{hint}")
@@ -94,7 +94,7 @@ def _extended(cfg: RunConfig, rounds: int) -> RunConfig:
     """`cfg` with `rounds` rounds in all: a finished or killed run continued past its end,
     to what a run of `rounds` rounds from the start would have recorded (save an evaluation
     at its old last round). Refused under DP, whose noise and budget were set for its rounds."""
-    from fedtt.config import ConfigError, load_config
+    from fedtt.config import ConfigError, from_flat
 
     planned = cfg.federation.rounds
     if rounds <= planned:
@@ -104,8 +104,7 @@ def _extended(cfg: RunConfig, rounds: int) -> RunConfig:
         raise ConfigError(f"--rounds: the run in {cfg.output.dir} is private, and its noise and "
                           f"privacy budget were set for {planned} rounds; start a new run "
                           "with --set federation.rounds instead")
-    return load_config(Path(cfg.output.dir) / "config.toml",
-                       values={"output.dir": cfg.output.dir, "federation.rounds": rounds})
+    return from_flat({"federation.rounds": rounds}, cfg)
 
 
 def _claim_run_dir(out: Path, *, overwrite: bool) -> None:
