@@ -534,13 +534,20 @@ def run_seconds(rec: dict) -> float:
     return rec["summary"]["wall_seconds"] + earlier
 
 
+def per_round(records: list[dict]) -> float | None:
+    """Median wall seconds per round of finished runs; None when there are none."""
+    return statistics.median(run_seconds(r) / r["summary"]["rounds"]
+                             for r in records) if records else None
+
+
 def compute_section(results: Path) -> list[str]:
     """What the recorded runs cost (their wall time on this project's 2-core machines) and
     what the pending ones would, estimated from the finished runs of the same group."""
     lines = ["## Compute", "", "Wall time of each run as its summary records it, plus its "
              "rounds before a resume (2 runs at a time on 2 cores, one thread each); pending "
              "runs are estimated from their rounds and the median seconds per round of the "
-             "same group's finished runs (selection runs included).", "",
+             "same cell's finished seeds, or of the group's finished runs (selection runs "
+             "included) when the cell has none.", "",
              "| group | runs recorded | hours recorded | runs pending | hours pending (est.) |",
              "|---|---|---|---|---|"]
     def hours(seconds: float) -> float:  # wall-clock, 2 runs at a time
@@ -553,20 +560,20 @@ def compute_section(results: Path) -> list[str]:
         done = [runner.read_record(p) for name in names for p in
                 [*(results / name).glob("seed*.json"), *(results / "select" / name).glob("*.json")]]
         seconds = [run_seconds(r) for r in done]
-        todo = todo_rounds = 0
+        group_rate = per_round(done)
+        todo, todo_seconds = 0, 0.0
         for name in names:
-            runs = max(0, runner.evidence(name).get("seeds", len(runner.SEEDS))
-                       - len(list((results / name).glob("seed*.json"))))
+            seeds = [runner.read_record(p) for p in (results / name).glob("seed*.json")]
+            runs = max(0, runner.evidence(name).get("seeds", len(runner.SEEDS)) - len(seeds))
+            rate = per_round(seeds) or group_rate
             if (runner.selects(name) == name
                     and not any((results / "select" / name).glob("lr*.json"))):
                 runs += len(runner.evidence(name).get("grid", runner.LR_GRID))
             todo += runs
-            todo_rounds += runs * runner.load(name)["federation"]["rounds"]
-        per_round = statistics.median(s / r["summary"]["rounds"] for s, r in zip(
-            seconds, done, strict=True)) if done else None
-        est = "" if per_round is None else f"{hours(todo_rounds * per_round):.1f}"
+            todo_seconds += runs * runner.load(name)["federation"]["rounds"] * (rate or 0.0)
+        est = "" if group_rate is None else f"{hours(todo_seconds):.1f}"
         total_done += hours(sum(seconds))
-        total_todo += hours(todo_rounds * per_round) if per_round else 0.0
+        total_todo += hours(todo_seconds)
         lines.append(f"| {group} | {len(done)} | {hours(sum(seconds)):.1f} | {todo} | "
                      f"{est or 'unknown (no finished run)'} |")
     lines += ["", f"Hours are wall-clock at 2 runs at a time: {total_done:.1f} h recorded, "

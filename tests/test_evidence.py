@@ -163,6 +163,26 @@ def test_compute_section_counts_recorded_and_pending_runs(tmp_path: Path,
                    f"{pending * 1800 / 2 / 3600:.1f} |")
 
 
+def test_a_pending_run_is_estimated_from_its_own_cells_seeds_before_the_groups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, slow = "c2-parity/bbc-news-fedtt-iid", "c2-parity/bbc-news-lora-iid"
+    rounds = {name: runner.load(name)["federation"]["rounds"] for name in (fast, slow)}
+    done = {fast: [10.0] * len(runner.SEEDS), slow: [100.0]}  # seconds per round
+    for name, rates in done.items():
+        (tmp_path / name).mkdir(parents=True)
+        for seed, rate in enumerate(rates):
+            (tmp_path / name / f"seed{seed}.json").write_text(json.dumps(
+                {"seed": seed, "summary": {"wall_seconds": rate * rounds[name],
+                                           "rounds": rounds[name]}, "rounds": []}))
+    monkeypatch.setattr(runner, "configs", lambda only: [fast, slow] if only in (
+        [], ["c2-parity/*"]) else [])
+    row = next(line for line in report.compute_section(tmp_path)
+               if line.startswith("| c2-parity"))
+    pending = len(runner.SEEDS) - 1
+    # the group's median (10 s per round) would say 10x less: the slow cell's own seed rules
+    assert row.endswith(f"| {pending} | {pending * rounds[slow] * 100.0 / 2 / 3600:.1f} |")
+
+
 def test_a_cause_line_only_when_the_claim_is_not_met_and_the_ablation_is_measured() -> None:
     def outcomes(claim: str, ablation: str) -> dict[str, dict]:
         return {"A − B": {"verdict": claim, "difference": "-2.0 ± 1.0"},
