@@ -542,7 +542,8 @@ def per_round(records: list[dict]) -> float | None:
 
 def compute_section(results: Path) -> list[str]:
     """What the recorded runs cost (their wall time on this project's 2-core machines) and
-    what the pending ones would, estimated from the finished runs of the same group."""
+    what the pending ones would, estimated from the same cell's finished seeds, else from the
+    finished runs of the same group."""
     lines = ["## Compute", "", "Wall time of each run as its summary records it, plus its "
              "rounds before a resume (2 runs at a time on 2 cores, one thread each); pending "
              "runs are estimated from their rounds and the median seconds per round of the "
@@ -557,15 +558,17 @@ def compute_section(results: Path) -> list[str]:
     total_done = total_todo = 0.0
     for group in groups:
         names = runner.configs([f"{group}/*"])
-        done = [runner.read_record(p) for name in names for p in
-                [*(results / name).glob("seed*.json"), *(results / "select" / name).glob("*.json")]]
+        cells = {name: [runner.read_record(p) for p in (results / name).glob("seed*.json")]
+                 for name in names}
+        done = [*(r for records in cells.values() for r in records),
+                *(runner.read_record(p) for name in names
+                  for p in (results / "select" / name).glob("*.json"))]
         seconds = [run_seconds(r) for r in done]
         group_rate = per_round(done)
         todo, todo_seconds = 0, 0.0
         for name in names:
-            seeds = [runner.read_record(p) for p in (results / name).glob("seed*.json")]
-            runs = max(0, runner.evidence(name).get("seeds", len(runner.SEEDS)) - len(seeds))
-            rate = per_round(seeds) or group_rate
+            runs = max(0, runner.evidence(name).get("seeds", len(runner.SEEDS)) - len(cells[name]))
+            rate = per_round(cells[name]) or group_rate
             if (runner.selects(name) == name
                     and not any((results / "select" / name).glob("lr*.json"))):
                 runs += len(runner.evidence(name).get("grid", runner.LR_GRID))
