@@ -1,4 +1,6 @@
-"""Shared test setup: offline, quiet, small thread count, a private cache and Flower home."""
+"""Shared test setup: offline, quiet, a small thread count and a fixed seed. Tests that need a
+private cache or Flower home set FEDTT_CACHE or FLWR_HOME themselves; the others share
+~/.cache/fedtt, which its file lock keeps safe."""
 
 import os
 
