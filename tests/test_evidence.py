@@ -161,6 +161,10 @@ def test_compute_section_counts_recorded_and_pending_runs(tmp_path: Path,
     assert rounds % 2 == 0
     assert row == (f"| c2-parity | 2 | {1800 / 2 / 3600:.1f} | {pending} | "
                    f"{pending * 1800 / 2 / 3600:.1f} |")
+    total = (1 + pending) * 1800 / 2 / 3600
+    assert f"{total:.1f} h, **met**." in lines[-2]
+    monkeypatch.setattr(report, "COMPUTE_GOAL_HOURS", total / 2)
+    assert f"{total:.1f} h, **not met**." in report.compute_section(tmp_path)[-2]
 
 
 def test_a_pending_run_is_estimated_from_its_own_cells_seeds_before_the_groups(
